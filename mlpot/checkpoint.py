@@ -1,0 +1,65 @@
+"""Checkpoints: atomic writes, and rebuilding a Potential from its saved description."""
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from mlpot.models import Potential, build_potential
+
+_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def atomic_torch_save(obj, path) -> None:
+    """``torch.save`` to a temporary file in the same folder, then rename: never a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def describe(potential: Potential) -> dict:
+    """Everything needed to rebuild ``potential``: kind, species, cutoff, dtype, hparams, weights."""
+    return {
+        "kind": potential.kind,
+        "species": list(potential.species),
+        "cutoff": potential.cutoff,
+        "dtype": str(potential.energy_scale.dtype).replace("torch.", ""),
+        "hparams": potential.hparams,
+        "state_dict": potential.state_dict(),
+    }
+
+
+def save_potential(potential: Potential, path, **extra) -> None:
+    """Write a checkpoint holding ``describe(potential)`` plus ``extra`` entries."""
+    atomic_torch_save({"potential": describe(potential), **extra}, path)
+
+
+def potential_from_description(desc: dict) -> Potential:
+    """Rebuild a Potential from :func:`describe`'s dict."""
+    potential = build_potential(
+        desc["kind"], desc["species"], desc["cutoff"], dtype=_DTYPES[desc["dtype"]], **desc["hparams"]
+    )
+    potential.load_state_dict(desc["state_dict"])
+    return potential
+
+
+def load_potential(path) -> Potential:
+    """Rebuild the Potential stored in a checkpoint file written by :func:`save_potential` or training."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for foreign or truncated files
+        raise ValueError(f"{path} is not a readable mlpot checkpoint: {err}") from None
+    if not isinstance(ckpt, dict) or "potential" not in ckpt:
+        raise ValueError(f"{path} is not an mlpot checkpoint (no 'potential' entry)")
+    return potential_from_description(ckpt["potential"])

@@ -1,0 +1,107 @@
+"""Potential: any model's per-atom energies -> scaled and shifted -> total energy -> autograd forces."""
+
+import json
+from typing import Dict, List, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from mlpot import keys
+
+
+class Potential(nn.Module):
+    """Wraps one model (graph -> per-atom energies) with everything the models share.
+
+    ``E_i = scale * model_i + shift[Z_i]``, ``E = sum_i E_i`` per structure, ``F = -dE/dpos`` by
+    autograd (``create_graph`` while training so force losses can be backpropagated), and the
+    Hessian by double backward. Metadata (kind, species, cutoff, hyperparameters) travels with it.
+
+    Args:
+        model: module with ``forward(graph, species) -> (node_energy (N,), node_features (N, F))``.
+        kind: model kind name (``"gcn"``, ``"schnet"``, ``"egnn"``).
+        species: atomic numbers the model knows, in the order of its species index.
+        cutoff: radial cutoff, Å.
+        hparams: the model's constructor arguments (to rebuild it from a checkpoint).
+        energy_shift: (S,) per-species energy shift, eV (default zeros).
+        energy_scale: scale of the model output, eV (default 1).
+    """
+
+    __jit_unused_properties__ = ["hparams"]
+
+    def __init__(
+        self,
+        model: nn.Module,
+        kind: str,
+        species: Sequence[int],
+        cutoff: float,
+        hparams: Optional[dict] = None,
+        energy_shift: Optional[Tensor] = None,
+        energy_scale: float = 1.0,
+    ):
+        super().__init__()
+        self.model = model
+        self.kind = kind
+        self.species: List[int] = [int(z) for z in species]
+        self.cutoff = float(cutoff)
+        self.hparams_json = json.dumps(hparams or {}, sort_keys=True)
+        self.compute_forces = True
+        index = torch.full((119,), -1, dtype=torch.long)
+        index[torch.tensor(self.species)] = torch.arange(len(self.species))
+        self.register_buffer("species_index", index)
+        shift = torch.zeros(len(self.species)) if energy_shift is None else torch.as_tensor(energy_shift).clone()
+        self.register_buffer("energy_shift", shift.to(torch.get_default_dtype()))
+        self.register_buffer("energy_scale", torch.tensor(float(energy_scale)))
+
+    @property
+    def hparams(self) -> dict:
+        return json.loads(self.hparams_json)
+
+    def _energy(self, graph: Dict[str, Tensor], pos: Tensor) -> Dict[str, Tensor]:
+        out: Dict[str, Tensor] = {}
+        for key, value in graph.items():
+            out[key] = value
+        out[keys.POSITIONS] = pos
+        numbers = graph[keys.ATOMIC_NUMBERS]
+        species = self.species_index[numbers]
+        if bool((species < 0).any()):
+            raise ValueError("structure contains an element this model was not trained on")
+        node_energy, features = self.model(out, species)
+        node_energy = node_energy * self.energy_scale + self.energy_shift[species]
+        num_graphs = graph[keys.NUM_ATOMS].shape[0]
+        energy = torch.zeros(num_graphs, dtype=node_energy.dtype, device=node_energy.device)
+        out[keys.NODE_ENERGY] = node_energy
+        out[keys.ENERGY] = energy.index_add(0, graph[keys.BATCH], node_energy)
+        out[keys.NODE_FEATURES] = features
+        return out
+
+    def forward(self, graph: Dict[str, Tensor]) -> Dict[str, Tensor]:
+        """Energies (and forces unless ``compute_forces`` is False) of a batch of structures."""
+        pos = graph[keys.POSITIONS]
+        if self.compute_forces and not pos.requires_grad:
+            pos = pos.detach().requires_grad_(True)
+        out = self._energy(graph, pos)
+        if self.compute_forces:
+            grads = torch.autograd.grad(
+                [out[keys.ENERGY].sum()], [pos], create_graph=self.training, allow_unused=True
+            )
+            grad = grads[0]
+            out[keys.FORCES] = torch.zeros_like(pos) if grad is None else -grad
+        return out
+
+    @torch.jit.export
+    def hessian(self, graph: Dict[str, Tensor]) -> Tensor:
+        """(3N, 3N) Hessian d2E/dpos2 in eV/Å^2 of the structures in ``graph``, by double backward."""
+        pos = graph[keys.POSITIONS].detach().requires_grad_(True)
+        energy = self._energy(graph, pos)[keys.ENERGY].sum()
+        grads = torch.autograd.grad([energy], [pos], create_graph=True, allow_unused=True)
+        grad = grads[0]
+        n = pos.numel()
+        hessian = torch.zeros(n, n, dtype=pos.dtype, device=pos.device)
+        if grad is None:
+            return hessian
+        flat = grad.reshape(-1)
+        for k in range(n):
+            row = torch.autograd.grad([flat[k]], [pos], retain_graph=True, allow_unused=True)[0]
+            if row is not None:
+                hessian[k] = row.reshape(-1)
+        return hessian

@@ -1,0 +1,187 @@
+"""Training configuration: three small dataclasses filled from YAML, with strict key and type checks."""
+
+import dataclasses
+import inspect
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem, named by its key."""
+
+
+@dataclass
+class DataConfig:
+    """Which frames to fit and how to split them."""
+
+    dataset: str = "rmd17_ethanol"  # a name from mlpot.data.known_datasets() or a file path
+    test_dataset: Optional[str] = None  # file/name of the test set; default: the dataset's own test split
+    index: int = 1  # rMD17 split 1..5
+    data_dir: Optional[str] = None  # default: $MLPOT_DATA_DIR
+    train_size: int = 950
+    val_size: int = 50
+    test_size: Optional[int] = None  # None: the whole test split
+    seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    """Model kind, cutoff, precision and the kind's own hyperparameters."""
+
+    kind: str = "egnn"
+    cutoff: float = 5.0
+    dtype: str = "float32"
+    hparams: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, schedule and bookkeeping."""
+
+    epochs: int = 100
+    max_time: Optional[float] = None  # seconds; training stops after the epoch that passes it
+    batch_size: int = 5
+    optimizer: str = "adam"  # adam | adamw
+    lr: float = 5e-3
+    weight_decay: float = 0.0
+    scheduler: str = "plateau"  # plateau | cosine | none
+    warmup_epochs: int = 0
+    lr_factor: float = 0.8  # plateau: multiply the LR by this
+    lr_patience: int = 10  # plateau: epochs without improvement before a cut
+    min_lr: float = 1e-6
+    loss: str = "mse"  # mse | mae | huber
+    huber_delta: float = 0.01
+    energy_weight: float = 1.0  # on per-atom energy errors
+    forces_weight: float = 100.0
+    grad_clip: Optional[float] = 10.0
+    ema_decay: Optional[float] = 0.99
+    early_stopping_patience: Optional[int] = 50
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    num_threads: Optional[int] = None
+
+
+@dataclass
+class Config:
+    """A whole training run."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run_dir: str = "runs/run"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+_CHOICES = {
+    "model.kind": ("gcn", "schnet", "egnn"),
+    "model.dtype": ("float32", "float64"),
+    "train.optimizer": ("adam", "adamw"),
+    "train.scheduler": ("plateau", "cosine", "none"),
+    "train.loss": ("mse", "mae", "huber"),
+    "train.device": ("auto", "cpu", "cuda"),
+}
+
+
+def _check_type(key: str, value, annotation):
+    """Return ``value`` converted to ``annotation`` where that is lossless, else raise ConfigError."""
+    origin = get_origin(annotation)
+    if origin is Union:  # Optional[X]
+        if value is None:
+            return None
+        (inner,) = [a for a in get_args(annotation) if a is not type(None)]
+        return _check_type(key, value, inner)
+    if annotation is Any:
+        return value
+    if origin in (dict, Dict):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
+        return value
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation is float and isinstance(value, str):
+        try:
+            return float(value)  # YAML reads 1e-3 as a string
+        except ValueError:
+            pass
+    if not isinstance(value, annotation) or (annotation is int and isinstance(value, bool)):
+        raise ConfigError(f"{key}: expected {annotation.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _fill(cls, values: dict, prefix: str):
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {values!r}")
+    hints = get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"unknown key(s) {', '.join(prefix + k for k in unknown)}; allowed: {sorted(known)}")
+    kwargs = {}
+    for name, value in values.items():
+        key = prefix + name
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _fill(hint, value or {}, key + ".")
+        else:
+            kwargs[name] = _check_type(key, value, hint)
+            if key in _CHOICES and kwargs[name] not in _CHOICES[key]:
+                raise ConfigError(f"{key}: {kwargs[name]!r} is not one of {list(_CHOICES[key])}")
+    return cls(**kwargs)
+
+
+def _apply_override(raw: dict, assignment: str) -> None:
+    if "=" not in assignment:
+        raise ConfigError(f"--set expects key=value, got {assignment!r}")
+    dotted, text = assignment.split("=", 1)
+    value = yaml.safe_load(text)
+    node = raw
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {dotted}: {part} is not a section")
+    node[parts[-1]] = value
+
+
+def check_model_hparams(kind: str, hparams: dict) -> None:
+    """Raise ConfigError for hyperparameters the model kind does not take."""
+    from mlpot.models import MODELS
+
+    signature = inspect.signature(MODELS[kind].__init__)
+    allowed = [p for p in signature.parameters if p not in ("self", "num_species", "cutoff")]
+    unknown = sorted(set(hparams) - set(allowed))
+    if unknown:
+        raise ConfigError(f"model.hparams: {kind} takes no {', '.join(unknown)}; it takes {allowed}")
+
+
+def config_from_dict(raw: dict, overrides: List[str] = ()) -> Config:
+    """Validated Config from a nested dict plus ``section.key=value`` overrides."""
+    raw = dict(raw or {})
+    raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+    for assignment in overrides:
+        _apply_override(raw, assignment)
+    config = _fill(Config, raw, "")
+    check_model_hparams(config.model.kind, config.model.hparams)
+    for key in ("train_size", "val_size"):
+        if getattr(config.data, key) < 1:
+            raise ConfigError(f"data.{key} must be at least 1")
+    if config.train.batch_size < 1:
+        raise ConfigError("train.batch_size must be at least 1")
+    return config
+
+
+def load_config(path, overrides: List[str] = ()) -> Config:
+    """Read and validate a YAML config file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}") from None
+    return config_from_dict(raw or {}, overrides)

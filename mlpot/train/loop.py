@@ -1,0 +1,403 @@
+"""The training loop: E+F loss, EMA, LR schedule, atomic checkpoints, exact resume, test report, deploy."""
+
+import csv
+import json
+import math
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from mlpot import export, keys
+from mlpot.checkpoint import atomic_torch_save, describe, potential_from_description
+from mlpot.data import datasets
+from mlpot.data.datasets import Frames, block_split, load_dataset, split_indices
+from mlpot.data.graph import Graph, collate, make_graph
+from mlpot.models import Potential, build_potential
+from mlpot.train.config import Config, ConfigError
+from mlpot.train.metrics import error_metrics, format_metrics, predict
+
+_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+# === data ===
+def _load(name_or_path: str, split: Optional[str], cfg: Config) -> Frames:
+    try:
+        return load_dataset(name_or_path, split=split, index=cfg.data.index, data_dir=cfg.data.data_dir)
+    except FileNotFoundError as err:
+        raise ConfigError(f"data.dataset: {err}") from None
+
+
+def split_frames(cfg: Config) -> Tuple[Frames, Frames, Frames]:
+    """(train, val, test) frames. Named sets with a test split (sGDML, rMD17, xTB) draw train and val
+    from the training file and test from the test file; single files are split into contiguous blocks
+    (their frames are a correlated trajectory), train and val drawn at random from the first block."""
+    d = cfg.data
+    is_file = Path(d.dataset).is_file()
+    has_test_file = not is_file and d.dataset not in datasets.SINGLE_FILE_DATASETS
+    pool = _load(d.dataset, "train" if has_test_file else None, cfg)
+    n_fit = d.train_size + d.val_size
+    if d.test_dataset or has_test_file:
+        test = _load(d.test_dataset, None, cfg) if d.test_dataset else _load(d.dataset, "test", cfg)
+        if d.test_size is not None:
+            test = test.subset(split_indices(len(test), [d.test_size], d.seed)[0])
+        fit_idx = np.arange(len(pool))
+    else:
+        n_test = d.test_size if d.test_size is not None else len(pool) - n_fit
+        if n_test < 1:
+            raise ConfigError(f"data: {len(pool)} frames leave none for testing after {n_fit} for train+val")
+        fit_idx, test_idx = block_split(len(pool), [len(pool) - n_test, n_test])
+        test = pool.subset(test_idx)
+    if n_fit > len(fit_idx):
+        raise ConfigError(f"data: train_size + val_size = {n_fit} but only {len(fit_idx)} frames are available")
+    train_idx, val_idx = split_indices(len(fit_idx), [d.train_size, d.val_size], d.seed)
+    return pool.subset(fit_idx[train_idx]), pool.subset(fit_idx[val_idx]), test
+
+
+def frames_to_graphs(frames: Frames, cutoff: float, dtype: torch.dtype, device="cpu") -> List[Graph]:
+    """Labelled graphs (``energy_ref``, ``forces_ref``) of every frame."""
+    graphs = []
+    for i in range(len(frames)):
+        g = make_graph(frames.numbers[i], frames.positions[i], cutoff, dtype=dtype, device=device)
+        g[keys.ENERGY_REF] = torch.tensor([frames.energy[i]], dtype=dtype, device=device)
+        g[keys.FORCES_REF] = torch.as_tensor(frames.forces[i], dtype=dtype, device=device)
+        graphs.append(g)
+    return graphs
+
+
+def fit_statistics(frames: Frames, species: List[int], cutoff: float) -> Dict[str, object]:
+    """Per-species energy shift (least squares on composition), force RMS scale, mean neighbour count."""
+    counts = np.array([[np.sum(z == s) for s in species] for z in frames.numbers], dtype=np.float64)
+    shift, *_ = np.linalg.lstsq(counts, frames.energy, rcond=None)
+    forces = np.concatenate(frames.forces)
+    scale = float(np.sqrt((forces**2).mean())) or 1.0
+    sample = range(0, len(frames), max(1, len(frames) // 50))
+    neighbors = [make_graph(frames.numbers[i], frames.positions[i], cutoff)[keys.EDGE_INDEX].shape[1] / len(frames.numbers[i]) for i in sample]
+    return {"energy_shift": shift.tolist(), "energy_scale": scale, "avg_num_neighbors": float(np.mean(neighbors))}
+
+
+# === optimisation pieces ===
+class EMA:
+    """Exponential moving average of the trainable parameters: shadow <- d * shadow + (1 - d) * p."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        for n, p in model.named_parameters():
+            if n in self.shadow:
+                self.shadow[n].mul_(self.decay).add_(p.detach(), alpha=1.0 - self.decay)
+
+    @torch.no_grad()
+    def swap(self, model: torch.nn.Module) -> None:
+        """Exchange the model's weights with the averaged ones (call twice to undo)."""
+        for n, p in model.named_parameters():
+            if n in self.shadow:
+                tmp = p.detach().clone()
+                p.copy_(self.shadow[n])
+                self.shadow[n].copy_(tmp)
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "shadow": self.shadow}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.decay = state["decay"]
+        for n, v in state["shadow"].items():
+            self.shadow[n].copy_(v)
+
+
+def _loss_fn(kind: str, delta: float):
+    if kind == "mse":
+        return lambda x: (x**2).mean()
+    if kind == "mae":
+        return lambda x: x.abs().mean()
+    return lambda x: torch.nn.functional.huber_loss(x, torch.zeros_like(x), delta=delta)
+
+
+def _make_scheduler(optimizer, cfg: Config):
+    t = cfg.train
+    if t.scheduler == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, factor=t.lr_factor, patience=t.lr_patience, min_lr=t.min_lr
+        )
+    if t.scheduler == "cosine":
+        floor = t.min_lr / t.lr
+
+        def factor(epoch: int) -> float:
+            if epoch < t.warmup_epochs:
+                return (epoch + 1) / (t.warmup_epochs + 1)
+            progress = (epoch - t.warmup_epochs) / max(1, t.epochs - t.warmup_epochs)
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return None
+
+
+# === distributed ===
+def _distributed() -> Tuple[int, int]:
+    """(rank, world size); starts the process group when launched by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), world
+
+
+def _average_gradients(model: torch.nn.Module, world: int) -> None:
+    import torch.distributed as dist
+
+    for p in model.parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad /= world
+
+
+# === the run ===
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device: cuda requested but torch sees no CUDA device")
+    return torch.device(name)
+
+
+def _hardware(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+def train(cfg: Config, resume: bool = False, progress: bool = True) -> Dict[str, object]:
+    """Fit a potential as ``cfg`` says; writes checkpoints, logs, metrics, plots and model.pt to ``cfg.run_dir``.
+
+    With ``resume=True`` the run continues from ``run_dir/last.pt`` exactly where it stopped
+    (weights, optimizer, scheduler, EMA, epoch; batches are shuffled with a per-epoch seed).
+    Returns the test metrics.
+    """
+    rank, world = _distributed()
+    main = rank == 0
+    t = cfg.train
+    run_dir = Path(cfg.run_dir)
+    last_path, best_path = run_dir / "last.pt", run_dir / "best.pt"
+    if t.num_threads:
+        torch.set_num_threads(t.num_threads)
+    device = _device(t.device)
+    dtype = _DTYPES[cfg.model.dtype]
+    if resume and not last_path.is_file():
+        raise FileNotFoundError(f"cannot resume: {last_path} does not exist")
+    if not resume and last_path.exists():
+        raise ConfigError(f"run_dir {run_dir} already holds a run; use --resume or another run_dir")
+
+    train_frames, val_frames, test_frames = split_frames(cfg)
+    species = sorted({int(z) for zs in train_frames.numbers for z in zs})
+    torch.manual_seed(t.seed)
+    if resume:
+        state = torch.load(last_path, map_location=device, weights_only=False)
+        potential = potential_from_description(state["potential"]).to(device)
+        stats = state["statistics"]
+    else:
+        state = None
+        stats = fit_statistics(train_frames, species, cfg.model.cutoff)
+        hparams = dict(cfg.model.hparams)
+        if cfg.model.kind == "egnn":
+            hparams.setdefault("avg_num_neighbors", stats["avg_num_neighbors"])
+        potential = build_potential(
+            cfg.model.kind, species, cfg.model.cutoff, dtype=dtype,
+            energy_shift=torch.tensor(stats["energy_shift"]), energy_scale=stats["energy_scale"], **hparams,
+        ).to(device)
+    train_graphs = frames_to_graphs(train_frames, cfg.model.cutoff, dtype, device)
+    val_graphs = frames_to_graphs(val_frames, cfg.model.cutoff, dtype, device)
+
+    params = [p for p in potential.parameters() if p.requires_grad]
+    opt_cls = torch.optim.AdamW if t.optimizer == "adamw" else torch.optim.Adam
+    optimizer = opt_cls(params, lr=t.lr, weight_decay=t.weight_decay)
+    scheduler = _make_scheduler(optimizer, cfg)
+    ema = EMA(potential, t.ema_decay) if t.ema_decay else None
+    loss_of = _loss_fn(t.loss, t.huber_delta)
+    history: List[dict] = []
+    start_epoch, best_metric, best_epoch, elapsed = 0, float("inf"), -1, 0.0
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(state["scheduler"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
+        history = state["history"]
+        start_epoch, best_metric, best_epoch, elapsed = state["epoch"] + 1, state["best_metric"], state["best_epoch"], state["elapsed"]
+
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    stopped = "epochs"
+    for epoch in range(start_epoch, t.epochs):
+        if t.max_time is not None and elapsed >= t.max_time:
+            stopped = "max_time"
+            break
+        if t.early_stopping_patience is not None and epoch - best_epoch > t.early_stopping_patience and best_epoch >= 0:
+            stopped = "early_stopping"
+            break
+        tic = time.perf_counter()
+        potential.train()
+        order = torch.randperm(len(train_graphs), generator=torch.Generator().manual_seed(t.seed * 100003 + epoch))
+        batches = [order[i : i + t.batch_size] for i in range(0, len(order), t.batch_size)]
+        sums = {"loss": 0.0, "e": 0.0, "f": 0.0}
+        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{t.epochs}", disable=not (progress and main), leave=False)
+        for step, idx in enumerate(bar):
+            shard = idx[rank::world]
+            batch = collate([train_graphs[i] for i in shard.tolist()])
+            out = potential(batch)
+            e_err = (out[keys.ENERGY] - batch[keys.ENERGY_REF]) / batch[keys.NUM_ATOMS]
+            f_err = out[keys.FORCES] - batch[keys.FORCES_REF]
+            loss = t.energy_weight * loss_of(e_err) + t.forces_weight * loss_of(f_err)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"non-finite loss at epoch {epoch + 1}, batch {step} (frames {shard.tolist()}); "
+                    f"lower train.lr or check the data"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if world > 1:
+                _average_gradients(potential, world)
+            if t.grad_clip:
+                torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
+            optimizer.step()
+            if ema is not None:
+                ema.update(potential)
+            sums["loss"] += loss.item()
+            sums["e"] += e_err.abs().mean().item() * 1000
+            sums["f"] += f_err.abs().mean().item() * 1000
+            n = step + 1
+            bar.set_postfix(E_meV_atom=f"{sums['e'] / n:.2f}", F_meV_A=f"{sums['f'] / n:.1f}")
+        bar.close()
+
+        potential.eval()
+        if ema is not None:
+            ema.swap(potential)
+        val = error_metrics(predict(potential, val_graphs))
+        if ema is not None:
+            ema.swap(potential)
+        # the per-atom energy and force terms of the loss, on the validation set
+        val_metric = t.energy_weight * (val["energy_per_atom_mae_meV"] / 1000) ** 2 + t.forces_weight * (val["forces_mae_meV_per_A"] / 1000) ** 2
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            scheduler.step(val_metric)
+        elif scheduler is not None:
+            scheduler.step()
+        elapsed += time.perf_counter() - tic
+        improved = val_metric < best_metric
+        if improved:
+            best_metric, best_epoch = val_metric, epoch
+        row = {
+            "epoch": epoch + 1, "time_s": round(elapsed, 2), "lr": optimizer.param_groups[0]["lr"],
+            "train_loss": sums["loss"] / len(batches), "train_energy_mae_meV_per_atom": sums["e"] / len(batches),
+            "train_forces_mae_meV_per_A": sums["f"] / len(batches),
+            "val_energy_mae_meV": val["energy_mae_meV"], "val_forces_mae_meV_per_A": val["forces_mae_meV_per_A"],
+        }
+        history.append(row)
+        if main:
+            if improved:
+                if ema is not None:
+                    ema.swap(potential)
+                atomic_torch_save({"potential": describe(potential), "epoch": epoch, "val": val}, best_path)
+                if ema is not None:
+                    ema.swap(potential)
+            atomic_torch_save(
+                {
+                    "potential": describe(potential), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                    "ema": ema.state_dict() if ema is not None else None, "epoch": epoch,
+                    "best_metric": best_metric, "best_epoch": best_epoch, "elapsed": elapsed,
+                    "history": history, "statistics": stats, "config": cfg.to_dict(),
+                },
+                last_path,
+            )
+            _write_log(run_dir / "log.csv", history)
+            if progress:
+                tqdm.write(
+                    f"epoch {epoch + 1}: val E MAE {val['energy_mae_meV']:.2f} meV, F MAE {val['forces_mae_meV_per_A']:.2f} meV/Å, "
+                    f"lr {row['lr']:.2e}, {elapsed:.0f} s"
+                )
+
+    if not main:
+        return {}
+    return finish(cfg, test_frames, history, stopped, elapsed, device, progress)
+
+
+def _write_log(path: Path, history: List[dict]) -> None:
+    tmp = path.with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(history[0]))
+        writer.writeheader()
+        writer.writerows(history)
+    os.replace(tmp, path)
+
+
+def finish(cfg: Config, test_frames: Frames, history, stopped: str, elapsed: float, device, progress: bool) -> dict:
+    """Test the best weights, write metrics.json, plots and the deployed model.pt."""
+    run_dir = Path(cfg.run_dir)
+    best = torch.load(run_dir / "best.pt", map_location=device, weights_only=False)
+    potential = potential_from_description(best["potential"]).to(device).eval()
+    dtype = _DTYPES[cfg.model.dtype]
+    test_pred = predict(potential, frames_to_graphs(test_frames, cfg.model.cutoff, dtype, device))
+    test = error_metrics(test_pred)
+    metrics = {
+        "test": test,
+        "val": best["val"],
+        "dataset": cfg.data.dataset,
+        "test_source": test_frames.source,
+        "train_size": cfg.data.train_size,
+        "val_size": cfg.data.val_size,
+        "best_epoch": best["epoch"] + 1,
+        "epochs_run": len(history),
+        "stopped_by": stopped,
+        "train_time_s": round(elapsed, 1),
+        "hardware": _hardware(device),
+        "num_parameters": sum(p.numel() for p in potential.parameters()),
+        "model": {"kind": cfg.model.kind, "cutoff": cfg.model.cutoff, "dtype": cfg.model.dtype, "hparams": potential.hparams},
+    }
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    export.save(potential, run_dir / "model.pt", dataset=cfg.data.dataset, metrics=test)
+    _plots(run_dir, test_pred, history)
+    if progress:
+        print(f"test ({len(test_frames)} frames of {test_frames.source}):\n{format_metrics(test)}")
+        print(f"wrote {run_dir / 'model.pt'}, metrics.json, parity.png, learning_curve.png")
+    return metrics
+
+
+def _plots(run_dir: Path, pred: dict, history: List[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_e, ax_f) = plt.subplots(1, 2, figsize=(9, 4))
+    ax_e.scatter(pred["energy_ref"], pred["energy"], s=4)
+    ax_e.set(xlabel="reference energy (eV)", ylabel="predicted energy (eV)", title="energy")
+    ax_f.scatter(pred["forces_ref"].ravel(), pred["forces"].ravel(), s=1, alpha=0.3)
+    ax_f.set(xlabel="reference force (eV/Å)", ylabel="predicted force (eV/Å)", title="force components")
+    for ax in (ax_e, ax_f):
+        lo, hi = ax.get_xlim()
+        ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
+    fig.tight_layout()
+    fig.savefig(run_dir / "parity.png", dpi=120)
+    plt.close(fig)
+
+    epochs = [h["epoch"] for h in history]
+    fig, ax = plt.subplots(figsize=(5, 4))
+    ax.semilogy(epochs, [h["train_forces_mae_meV_per_A"] for h in history], label="train force MAE")
+    ax.semilogy(epochs, [h["val_forces_mae_meV_per_A"] for h in history], label="val force MAE")
+    ax.set(xlabel="epoch", ylabel="meV/Å", title="learning curve")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(run_dir / "learning_curve.png", dpi=120)
+    plt.close(fig)
