@@ -82,7 +82,7 @@ class MLPotCalculator(Calculator):
         atoms = self.atoms
         check_structure(atoms.numbers, atoms.positions, self.species, self.min_distance)
         out = self.model(self._graph_of(atoms, system_changes))
-        energy = float(out[keys.ENERGY].sum())
+        energy = float(out[keys.ENERGY].detach().sum())
         self.results = {
             "energy": energy,
             "free_energy": energy,

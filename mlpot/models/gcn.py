@@ -6,9 +6,27 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch_geometric.nn import GCNConv
+from torch_geometric.nn.conv.gcn_conv import gcn_norm
 
 from mlpot import keys
 from mlpot.nn.radial import CosineCutoff, GaussianBasis, edge_vectors
+
+
+class DistanceGCNConv(GCNConv):
+    """PyG's GCNConv restricted to dense edge weights.
+
+    The parent's forward also accepts sparse adjacency types; their TorchScript code does not load
+    back without torch_sparse, so this forward takes plain tensors only. Same parameters and maths.
+    """
+
+    def forward(self, x: Tensor, edge_index: Tensor, edge_weight: Tensor) -> Tensor:
+        edge_index, edge_weight = gcn_norm(
+            edge_index, edge_weight, x.size(0), self.improved, self.add_self_loops, self.flow, x.dtype
+        )
+        out = self.propagate(edge_index, x=self.lin(x), edge_weight=edge_weight)
+        if self.bias is not None:
+            out = out + self.bias
+        return out
 
 
 class GCN(nn.Module):
@@ -36,7 +54,7 @@ class GCN(nn.Module):
         self.basis = GaussianBasis(cutoff, num_basis)
         self.cutoff_fn = CosineCutoff(cutoff)
         self.edge_weights = nn.ModuleList([nn.Linear(num_basis, 1) for _ in range(num_layers)])
-        self.convs = nn.ModuleList([GCNConv(num_features, num_features) for _ in range(num_layers)])
+        self.convs = nn.ModuleList([DistanceGCNConv(num_features, num_features) for _ in range(num_layers)])
         self.readout = nn.Sequential(nn.Linear(num_features, num_features // 2), nn.SiLU(), nn.Linear(num_features // 2, 1))
 
     def forward(self, graph: Dict[str, Tensor], species: Tensor) -> Tuple[Tensor, Tensor]:

@@ -1,0 +1,82 @@
+"""Calculator latency: median ms per energy+forces call for ethanol, toluene and aspirin, every model, f32 and f64.
+
+Usage: python benchmarks/latency.py [--calls 200] [--threads N] [--models gcn,schnet,egnn]
+Models are untrained but have the sizes of the training recipes (latency does not depend on weights).
+Geometries: the GFN2-xTB minima in $MLPOT_DATA_DIR/xtb (default ../shared/data).
+"""
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from ase import Atoms
+
+from mlpot import export
+from mlpot.calculators import MLPotCalculator
+from mlpot.models import build_potential
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def molecule(name: str) -> Atoms:
+    data_dir = Path(os.environ.get("MLPOT_DATA_DIR", ROOT.parent / "shared" / "data"))
+    table = np.load(data_dir / "xtb" / f"{name}_xtb_minimum.npy")
+    return Atoms(numbers=table[:, 0].astype(int), positions=table[:, 1:])
+
+
+def recipe_hparams(kind: str) -> dict:
+    cfg = yaml.safe_load((ROOT / "training" / f"ethanol-{kind}.yaml").read_text())
+    return cfg["model"]["hparams"], cfg["model"]["cutoff"]
+
+
+def time_calls(calc, atoms: Atoms, calls: int) -> float:
+    rng = np.random.default_rng(0)
+    base = atoms.positions.copy()
+    for _ in range(10):  # warm-up (TorchScript profiling runs)
+        atoms.positions = base + rng.normal(scale=0.01, size=base.shape)
+        atoms.get_forces()
+    times = []
+    for _ in range(calls):
+        atoms.positions = base + rng.normal(scale=0.01, size=base.shape)
+        tic = time.perf_counter()
+        atoms.get_potential_energy()
+        atoms.get_forces()
+        times.append(time.perf_counter() - tic)
+    return 1000 * statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--calls", type=int, default=200)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--models", default="gcn,schnet,egnn")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {args.calls} calls, median ms per energy+forces call")
+    print("| model | dtype | params | ethanol (9) | toluene (15) | aspirin (21) |")
+    print("|---|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as tmp:
+        for kind in args.models.split(","):
+            hparams, cutoff = recipe_hparams(kind)
+            for dtype in ("float32", "float64"):
+                torch.manual_seed(0)
+                pot = build_potential(kind, [1, 6, 8], cutoff, dtype=getattr(torch, dtype), **hparams)
+                path = Path(tmp) / f"{kind}-{dtype}.pt"
+                export.save(pot, path)
+                row = []
+                for name in ("ethanol", "toluene", "aspirin"):
+                    atoms = molecule(name)
+                    atoms.calc = MLPotCalculator(path)
+                    row.append(f"{time_calls(atoms.calc, atoms, args.calls):.2f}")
+                params = sum(p.numel() for p in pot.parameters())
+                print(f"| {kind} | {dtype} | {params} | " + " | ".join(row) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
