@@ -6,6 +6,7 @@ Loading it needs only torch; the metadata gives the kind, species, cutoff, dtype
 """
 
 import contextlib
+import copy
 import json
 import os
 import tempfile
@@ -20,7 +21,7 @@ import mlpot
 
 FORMAT_VERSION = 1
 METADATA_FILE = "mlpot.json"
-_TORCHSCRIPT_DEPRECATION = r"`torch\.jit\.(script|save|load)` is deprecated"
+_TORCHSCRIPT_DEPRECATION = r"`torch\.jit\.(script|save|load|trace|trace_method)` is deprecated"
 
 
 @contextlib.contextmanager
@@ -32,10 +33,14 @@ def _quiet_torchscript():
 
 
 def compile_potential(potential: torch.nn.Module) -> torch.jit.ScriptModule:
-    """TorchScript-compile a Potential in eval mode (e3nn modules go through ``e3nn.util.jit.compile``)."""
+    """TorchScript-compile a copy of a Potential in eval mode (e3nn modules go through ``e3nn.util.jit.compile``).
+
+    The argument is left as it was: ``e3nn.util.jit.compile`` swaps submodules in place and ``eval()``
+    would switch off ``create_graph`` for a model that is still being trained.
+    """
     from e3nn.util.jit import compile as e3nn_compile
 
-    potential = potential.eval()
+    potential = copy.deepcopy(potential).eval()
     with _quiet_torchscript():
         return torch.jit.script(e3nn_compile(potential))
 

@@ -185,7 +185,15 @@ def _as_atomic_numbers(numbers, frame: int, where: str) -> np.ndarray:
     return as_int
 
 
-def read_frames(path: str | os.PathLike, name: str | None = None) -> Frames:
+ENERGY_UNITS = {"eV": 1.0, "kcal/mol": KCAL_PER_MOL_TO_EV}
+
+
+def _max_plausible_energy(numbers: np.ndarray) -> float:
+    """1.5 x the Thomas-Fermi total energy 20.9 Z^(7/3) eV summed over atoms: no total energy in eV is larger."""
+    return 1.5 * 20.9 * float(np.sum(np.asarray(numbers, dtype=np.float64) ** (7.0 / 3.0)))
+
+
+def read_frames(path: str | os.PathLike, name: str | None = None, units: str | None = None) -> Frames:
     """Reads labelled structures from a file and converts them to eV and Å.
 
     Recognised layouts: sGDML / original MD17 npz (keys E, F, R, z in kcal/mol),
@@ -195,6 +203,8 @@ def read_frames(path: str | os.PathLike, name: str | None = None) -> Frames:
     Args:
         path: File to read.
         name: Label for the frames; defaults to the file name without suffix.
+        units: energy unit of the file ("eV" or "kcal/mol", forces per Å); default: kcal/mol for
+            the MD17 npz layouts, eV for ASE files.
 
     Raises:
         FileNotFoundError: If the file does not exist.
@@ -204,11 +214,29 @@ def read_frames(path: str | os.PathLike, name: str | None = None) -> Frames:
     if not path.is_file():
         raise FileNotFoundError(f"no such file: {path}")
     name = path.stem if name is None else name
+    if units is not None and units not in ENERGY_UNITS:
+        raise ValueError(f"unknown energy unit {units!r} for {path}; use one of {sorted(ENERGY_UNITS)}")
     if zipfile.is_zipfile(path):
-        return _read_npz(path, name)
-    if path.suffix == ".npz":
+        frames = _read_npz(path, name)
+        default = "kcal/mol"
+    elif path.suffix == ".npz":
         raise ValueError(f"{path} is {UNRECOGNISED}: it has the .npz suffix but is not a valid npz archive")
-    return _read_with_ase(path, name)
+    else:
+        frames = _read_with_ase(path, name)
+        default = "eV"
+    if units is not None and units != default:
+        factor = ENERGY_UNITS[units] / ENERGY_UNITS[default]
+        frames.energy = frames.energy * factor
+        frames.forces = [f * factor for f in frames.forces]
+    bounds = np.array([_max_plausible_energy(z) for z in frames.numbers])
+    worst = int(np.argmax(np.abs(frames.energy) / bounds))
+    if abs(frames.energy[worst]) > bounds[worst]:
+        raise ValueError(
+            f"{path}: frame {worst} has energy {frames.energy[worst]:.6g} eV after reading it as "
+            f"{units or default}, more than any total energy of these atoms can be; "
+            f"the file's energy unit is probably wrong (pass units=...)"
+        )
+    return frames
 
 
 def _read_npz(path: Path, name: str) -> Frames:

@@ -1,5 +1,6 @@
 """Training configuration: three small dataclasses filled from YAML, with strict key and type checks."""
 
+import copy
 import dataclasses
 import inspect
 from dataclasses import dataclass, field, fields
@@ -115,7 +116,7 @@ def _check_type(key: str, value, annotation):
 
 def _fill(cls, values: dict, prefix: str):
     if not isinstance(values, dict):
-        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {values!r}")
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {values!r}")
     hints = get_type_hints(cls)
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(values) - known)
@@ -142,7 +143,9 @@ def _apply_override(raw: dict, assignment: str) -> None:
     node = raw
     parts = dotted.split(".")
     for part in parts[:-1]:
-        node = node.setdefault(part, {})
+        if node.get(part) is None:  # absent, or an empty section (`train:` with nothing under it)
+            node[part] = {}
+        node = node[part]
         if not isinstance(node, dict):
             raise ConfigError(f"--set {dotted}: {part} is not a section")
     node[parts[-1]] = value
@@ -161,8 +164,7 @@ def check_model_hparams(kind: str, hparams: dict) -> None:
 
 def config_from_dict(raw: dict, overrides: List[str] = ()) -> Config:
     """Validated Config from a nested dict plus ``section.key=value`` overrides."""
-    raw = dict(raw or {})
-    raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+    raw = copy.deepcopy(dict(raw or {}))  # overrides must not reach into the caller's nested dicts
     for assignment in overrides:
         _apply_override(raw, assignment)
     config = _fill(Config, raw, "")

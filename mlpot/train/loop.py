@@ -27,11 +27,16 @@ _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 # === data ===
-def _load(name_or_path: str, split: Optional[str], cfg: Config) -> Frames:
+def _load(name_or_path: str, split: Optional[str], cfg: Config, key: str = "data.dataset") -> Frames:
+    if not Path(name_or_path).is_file() and name_or_path not in datasets.known_datasets():
+        raise ConfigError(
+            f"{key}: no such file {name_or_path!r}, and it is not a known dataset name "
+            f"({', '.join(datasets.known_datasets())})"
+        )
     try:
         return load_dataset(name_or_path, split=split, index=cfg.data.index, data_dir=cfg.data.data_dir)
     except FileNotFoundError as err:
-        raise ConfigError(f"data.dataset: {err}") from None
+        raise ConfigError(f"{key}: {err}") from None
 
 
 def split_frames(cfg: Config) -> Tuple[Frames, Frames, Frames]:
@@ -44,7 +49,7 @@ def split_frames(cfg: Config) -> Tuple[Frames, Frames, Frames]:
     pool = _load(d.dataset, "train" if has_test_file else None, cfg)
     n_fit = d.train_size + d.val_size
     if d.test_dataset or has_test_file:
-        test = _load(d.test_dataset, None, cfg) if d.test_dataset else _load(d.dataset, "test", cfg)
+        test = _load(d.test_dataset, None, cfg, "data.test_dataset") if d.test_dataset else _load(d.dataset, "test", cfg)
         if d.test_size is not None:
             test = test.subset(split_indices(len(test), [d.test_size], d.seed)[0])
         fit_idx = np.arange(len(pool))
@@ -154,6 +159,19 @@ def _distributed() -> Tuple[int, int]:
     return dist.get_rank(), world
 
 
+def _sync_epoch(sums: Dict[str, float], elapsed: float, world: int, device) -> Tuple[Dict[str, float], float]:
+    """Average the ranks' training sums (each saw only its shards), and give every rank rank 0's
+    clock so that all make the same ``max_time`` decision (differing ones deadlock the all-reduce)."""
+    import torch.distributed as dist
+
+    names = sorted(sums)
+    values = torch.tensor([sums[n] for n in names], dtype=torch.float64, device=device)
+    dist.all_reduce(values)
+    clock = torch.tensor([elapsed], dtype=torch.float64, device=device)
+    dist.broadcast(clock, 0)
+    return dict(zip(names, (values / world).tolist())), float(clock.item())
+
+
 def _average_gradients(model: torch.nn.Module, world: int) -> None:
     import torch.distributed as dist
 
@@ -198,6 +216,10 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> Dict[str,
         raise FileNotFoundError(f"cannot resume: {last_path} does not exist")
     if not resume and last_path.exists():
         raise ConfigError(f"run_dir {run_dir} already holds a run; use --resume or another run_dir")
+    if resume and main:  # temporary files of writes that a kill interrupted
+        for pattern in ("last.pt*.tmp", "best.pt*.tmp", "model.pt*.tmp", "log.csv.tmp"):
+            for stale in run_dir.glob(pattern):
+                stale.unlink(missing_ok=True)
 
     train_frames, val_frames, test_frames = split_frames(cfg)
     species = sorted({int(z) for zs in train_frames.numbers for z in zs})
@@ -294,6 +316,8 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> Dict[str,
         elif scheduler is not None:
             scheduler.step()
         elapsed += time.perf_counter() - tic
+        if world > 1:
+            sums, elapsed = _sync_epoch(sums, elapsed, world, device)
         improved = val_metric < best_metric
         if improved:
             best_metric, best_epoch = val_metric, epoch
