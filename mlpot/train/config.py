@@ -172,6 +172,8 @@ def config_from_dict(raw: dict, overrides: List[str] = ()) -> Config:
     for key in ("train_size", "val_size"):
         if getattr(config.data, key) < 1:
             raise ConfigError(f"data.{key} must be at least 1")
+    if not 1 <= config.data.index <= 5:
+        raise ConfigError(f"data.index: rMD17 splits are numbered 1..5, got {config.data.index}")
     if config.train.batch_size < 1:
         raise ConfigError("train.batch_size must be at least 1")
     return config

@@ -84,7 +84,27 @@ def fit_statistics(frames: Frames, species: List[int], cutoff: float) -> Dict[st
     scale = float(np.sqrt((forces**2).mean())) or 1.0
     sample = range(0, len(frames), max(1, len(frames) // 50))
     neighbors = [make_graph(frames.numbers[i], frames.positions[i], cutoff)[keys.EDGE_INDEX].shape[1] / len(frames.numbers[i]) for i in sample]
-    return {"energy_shift": shift.tolist(), "energy_scale": scale, "avg_num_neighbors": float(np.mean(neighbors))}
+    return {
+        "energy_shift": shift.tolist(),
+        "energy_scale": scale,
+        "avg_num_neighbors": float(np.mean(neighbors)),
+        "min_pair_distances": min_pair_distances(frames),
+    }
+
+
+def min_pair_distances(frames: Frames) -> Dict[str, float]:
+    """Shortest distance seen for each element pair, Å, keyed ``"Z1-Z2"`` with Z1 <= Z2."""
+    shortest: Dict[Tuple[int, int], float] = {}
+    for numbers, positions in zip(frames.numbers, frames.positions):
+        diff = positions[None] - positions[:, None]
+        dist = np.sqrt(np.einsum("ijk,ijk->ij", diff, diff))
+        i, j = np.triu_indices(len(numbers), k=1)
+        pairs = np.sort(np.stack([numbers[i], numbers[j]], axis=1), axis=1)
+        for pair in np.unique(pairs, axis=0):
+            mask = (pairs[:, 0] == pair[0]) & (pairs[:, 1] == pair[1])
+            key = (int(pair[0]), int(pair[1]))
+            shortest[key] = min(shortest.get(key, np.inf), float(dist[i[mask], j[mask]].min()))
+    return {f"{a}-{b}": round(d, 4) for (a, b), d in sorted(shortest.items())}
 
 
 # === optimisation pieces ===
@@ -184,7 +204,10 @@ def _average_gradients(model: torch.nn.Module, world: int) -> None:
 # === the run ===
 def _device(name: str) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and torch.cuda.is_available():
+        # one GPU per process under torchrun
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device: cuda requested but torch sees no CUDA device")
     return torch.device(name)
@@ -211,6 +234,8 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> Dict[str,
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
     device = _device(t.device)
+    if world > 1 and t.batch_size % world:
+        raise ConfigError(f"train.batch_size ({t.batch_size}) must be a multiple of the {world} processes")
     dtype = _DTYPES[cfg.model.dtype]
     if resume and not last_path.is_file():
         raise FileNotFoundError(f"cannot resume: {last_path} does not exist")
@@ -273,6 +298,8 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> Dict[str,
         potential.train()
         order = torch.randperm(len(train_graphs), generator=torch.Generator().manual_seed(t.seed * 100003 + epoch))
         batches = [order[i : i + t.batch_size] for i in range(0, len(order), t.batch_size)]
+        if world > 1 and len(batches[-1]) % world:
+            batches.pop()  # every process needs an equal share of each batch
         sums = {"loss": 0.0, "e": 0.0, "f": 0.0}
         bar = tqdm(batches, desc=f"epoch {epoch + 1}/{t.epochs}", disable=not (progress and main), leave=False)
         for step, idx in enumerate(bar):
@@ -390,7 +417,11 @@ def finish(cfg: Config, test_frames: Frames, history, stopped: str, elapsed: flo
         "model": {"kind": cfg.model.kind, "cutoff": cfg.model.cutoff, "dtype": cfg.model.dtype, "hparams": potential.hparams},
     }
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    export.save(potential, run_dir / "model.pt", dataset=cfg.data.dataset, metrics=test)
+    stats = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=False)["statistics"]
+    export.save(
+        potential, run_dir / "model.pt", dataset=cfg.data.dataset, metrics=test,
+        min_pair_distances=stats.get("min_pair_distances", {}),
+    )
     _plots(run_dir, test_pred, history)
     if progress:
         print(f"test ({len(test_frames)} frames of {test_frames.source}):\n{format_metrics(test)}")

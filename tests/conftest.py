@@ -1,0 +1,82 @@
+"""Shared fixtures: a perturbed ethanol, every model kind, both float dtypes, tiny seeded potentials."""
+
+import os
+from pathlib import Path
+
+# Tiny models on a shared two-core machine: OpenMP threads that wait for a busy core make TorchScript
+# calls ~100x slower, so tests (and the subprocesses they start) use one thread unless told otherwise.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import ase.build
+import numpy as np
+import pytest
+import torch
+
+from mlpot.models import MODELS, build_potential
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+# Small enough that the whole suite runs in minutes on two cores, big enough to have every layer type.
+TINY_HPARAMS = {
+    "gcn": {"num_features": 16, "num_layers": 2},
+    "schnet": {"num_features": 16, "num_layers": 2},
+    "egnn": {"num_features": 8, "lmax": 2, "num_layers": 2, "radial_hidden": 16},
+}
+KINDS = sorted(MODELS)
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+
+def make_tiny_potential(kind, dtype=torch.float64, species=(1, 6, 8), cutoff=5.0, seed=0, **overrides):
+    """A fresh tiny untrained Potential in eval mode, with weights fixed by ``seed``.
+
+    Built anew on every call rather than deep-copied: a deep copy of e3nn's fx-generated modules
+    adds buffers to the state dict that a freshly built model does not have.
+    """
+    hparams = {**TINY_HPARAMS[kind], **overrides}
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        potential = build_potential(kind, species, cutoff, dtype, **hparams)
+    finally:
+        torch.random.set_rng_state(state)
+    return potential.eval()
+
+
+def perturbed_ethanol(seed=0, amplitude=0.05):
+    """Ethanol from ase.build with every atom displaced by up to ``amplitude`` Å (no symmetry left)."""
+    atoms = ase.build.molecule("CH3CH2OH")
+    rng = np.random.default_rng(seed)
+    atoms.positions += rng.uniform(-amplitude, amplitude, size=atoms.positions.shape)
+    return atoms
+
+
+@pytest.fixture
+def ethanol():
+    return perturbed_ethanol()
+
+
+@pytest.fixture(params=KINDS)
+def kind(request):
+    return request.param
+
+
+@pytest.fixture(params=list(DTYPES.values()), ids=list(DTYPES))
+def dtype(request):
+    return request.param
+
+
+@pytest.fixture
+def tiny_potential():
+    """Factory ``tiny_potential(kind, dtype, species=(1, 6, 8), cutoff=5.0, seed=0, **hparams)``."""
+    return make_tiny_potential
+
+
+@pytest.fixture(scope="session")
+def data_dir():
+    """The shared reference data: $MLPOT_DATA_DIR, else ../shared/data next to the project root."""
+    env = os.environ.get("MLPOT_DATA_DIR")
+    path = Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "data"
+    if not path.is_dir():
+        pytest.skip(f"reference data folder {path} not found; set MLPOT_DATA_DIR")
+    return path
