@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-from mlpot.calculators import EGNNCalculator, GNNCalculator, MLPotCalculator  # noqa: E402
+from mlpot.calculators import CommitteeCalculator, EGNNCalculator, GNNCalculator, MLPotCalculator  # noqa: E402
 from mlpot.models import MODELS, Potential, build_potential  # noqa: E402
 
-__all__ = ["EGNNCalculator", "GNNCalculator", "MLPotCalculator", "MODELS", "Potential", "build_potential", "__version__"]
+__all__ = ["CommitteeCalculator", "EGNNCalculator", "GNNCalculator", "MLPotCalculator", "MODELS", "Potential", "build_potential", "__version__"]

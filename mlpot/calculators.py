@@ -1,6 +1,7 @@
 """ASE calculators for deployed mlpot models (energies in eV, forces in eV/Å)."""
 
-from typing import Optional, Sequence
+import warnings
+from typing import List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -25,12 +26,26 @@ class MLPotCalculator(Calculator):
         dtype: ``"float32"``/``"float64"`` (or a torch dtype); default the file's own.
         skin: neighbour-list skin, Å (default 0.5; 0 rebuilds every call).
         min_distance: two atoms closer than this (Å) raise a ValueError (default 0.5).
+        check_pbc: raise when the structure's periodicity differs from the training data's
+            (a molecular model given a periodic cell, or the reverse); default True.
+        warn_close_contacts: warn once when two atoms come closer than any pair of the same
+            elements in the training data (recorded in the deployed file); default True.
     """
 
     implemented_properties = ["energy", "free_energy", "energies", "forces"]
     allowed_kinds: Optional[Sequence[str]] = None
 
-    def __init__(self, model, device: str = "cpu", dtype=None, skin: float = 0.5, min_distance: float = 0.5, **kwargs):
+    def __init__(
+        self,
+        model,
+        device: str = "cpu",
+        dtype=None,
+        skin: float = 0.5,
+        min_distance: float = 0.5,
+        check_pbc: bool = True,
+        warn_close_contacts: bool = True,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         if isinstance(dtype, str):
             if dtype not in _DTYPES:
@@ -49,6 +64,13 @@ class MLPotCalculator(Calculator):
         self.species = [int(z) for z in self.metadata["species"]]
         self.skin = float(skin)
         self.min_distance = float(min_distance)
+        self.check_pbc = check_pbc
+        self.periodic_model = bool(self.metadata.get("periodic", False))
+        self._closest_seen = {
+            tuple(int(z) for z in pair.split("-")): float(d)
+            for pair, d in self.metadata.get("min_pair_distances", {}).items()
+        } if warn_close_contacts else {}
+        self._warned_close = False
         self._graph = None
         self._graph_positions = None
 
@@ -77,11 +99,45 @@ class MLPotCalculator(Calculator):
         graph[keys.POSITIONS] = torch.as_tensor(atoms.positions, dtype=self.dtype, device=self.device)
         return graph
 
+    def _check_input(self, atoms) -> None:
+        check_structure(atoms.numbers, atoms.positions, self.species, self.min_distance)
+        periodic = bool(atoms.pbc.any())
+        if self.check_pbc and periodic != self.periodic_model:
+            trained = "periodic cells" if self.periodic_model else "isolated molecules (no periodic cell)"
+            given = f"pbc={atoms.pbc.tolist()}"
+            raise ValueError(
+                f"this model was trained on {trained} but the structure has {given}; "
+                f"set atoms.pbc accordingly, or pass check_pbc=False to use it anyway"
+            )
+
+    def _warn_close_contacts(self, atoms, graph) -> None:
+        if self._warned_close or not self._closest_seen:
+            return
+        edge_index = graph[keys.EDGE_INDEX].cpu().numpy()
+        vec = atoms.positions[edge_index[1]] - atoms.positions[edge_index[0]] + graph[keys.SHIFT].cpu().double().numpy()
+        dist = np.linalg.norm(vec, axis=1)
+        z = np.sort(atoms.numbers[edge_index], axis=0)
+        for (a, b), closest in self._closest_seen.items():
+            mask = (z[0] == a) & (z[1] == b)
+            if mask.any() and dist[mask].min() < closest:
+                k = np.nonzero(mask)[0][np.argmin(dist[mask])]
+                i, j = edge_index[:, k]
+                warnings.warn(
+                    f"atoms {i} and {j} are {dist[k]:.3f} Å apart, closer than any {atoms[i].symbol}-{atoms[j].symbol} "
+                    f"pair in the training data ({closest:.3f} Å): the model is extrapolating (warned once)",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+                self._warned_close = True
+                return
+
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
         super().calculate(atoms, properties, system_changes)
         atoms = self.atoms
-        check_structure(atoms.numbers, atoms.positions, self.species, self.min_distance)
-        out = self.model(self._graph_of(atoms, system_changes))
+        self._check_input(atoms)
+        graph = self._graph_of(atoms, system_changes)
+        self._warn_close_contacts(atoms, graph)
+        out = self.model(graph)
         energy = float(out[keys.ENERGY].detach().sum())
         self.results = {
             "energy": energy,
@@ -93,7 +149,7 @@ class MLPotCalculator(Calculator):
     def get_hessian(self, atoms=None) -> np.ndarray:
         """(3N, 3N) Hessian d2E/dR2 in eV/Å^2 by double backward (use float64 for accuracy)."""
         atoms = atoms if atoms is not None else self.atoms
-        check_structure(atoms.numbers, atoms.positions, self.species, self.min_distance)
+        self._check_input(atoms)
         graph = self._graph_of(atoms, all_changes)
         return self.model.hessian(graph).detach().cpu().double().numpy()
 
@@ -110,4 +166,45 @@ class GNNCalculator(MLPotCalculator):
     allowed_kinds = ("gcn", "schnet")
 
 
-__all__ = ["EGNNCalculator", "GNNCalculator", "MLPotCalculator"]
+class CommitteeCalculator(Calculator):
+    """Mean and spread of a committee of deployed models (e.g. the same recipe trained with different seeds).
+
+    ``results`` hold the committee means (``energy``, ``free_energy``, ``energies``, ``forces``) and
+    the standard deviations across members (``energy_std`` in eV, ``forces_std`` (N, 3) in eV/Å),
+    a cheap uncertainty estimate for active learning and MD monitoring.
+
+    Args:
+        models: paths of two or more deployed files for the same elements.
+        **kwargs: passed to every member's :class:`MLPotCalculator` (device, dtype, skin, ...).
+    """
+
+    implemented_properties = ["energy", "free_energy", "energies", "forces", "energy_std", "forces_std"]
+
+    def __init__(self, models: Sequence, **kwargs):
+        super().__init__()
+        if len(models) < 2:
+            raise ValueError(f"a committee needs at least two models, got {len(models)}")
+        self.members: List[MLPotCalculator] = [MLPotCalculator(m, **kwargs) for m in models]
+        species = {tuple(m.species) for m in self.members}
+        if len(species) > 1:
+            raise ValueError(f"committee members know different elements: {sorted(species)}")
+
+    def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
+        super().calculate(atoms, properties, system_changes)
+        results = []
+        for member in self.members:
+            member.calculate(self.atoms, ["energy", "forces"], system_changes)
+            results.append(member.results)
+        energy = np.array([r["energy"] for r in results])
+        forces = np.stack([r["forces"] for r in results])
+        self.results = {
+            "energy": float(energy.mean()),
+            "free_energy": float(energy.mean()),
+            "energies": np.mean([r["energies"] for r in results], axis=0),
+            "forces": forces.mean(axis=0),
+            "energy_std": float(energy.std()),
+            "forces_std": forces.std(axis=0),
+        }
+
+
+__all__ = ["CommitteeCalculator", "EGNNCalculator", "GNNCalculator", "MLPotCalculator"]

@@ -34,6 +34,11 @@ def train(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.lr=1e-3")
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR (uses its saved config)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
+    parser.add_argument(
+        "--committee", type=int, metavar="K",
+        help="train K members with train.seed = 0..K-1 into RUN_DIR/member-k (same data split); "
+        "use their model.pt files with mlpot.calculators.CommitteeCalculator",
+    )
     args = parser.parse_args(argv)
 
     from pathlib import Path
@@ -49,9 +54,23 @@ def train(argv: Optional[Sequence[str]] = None) -> None:
             config = load_config(args.config, args.set)
         else:
             parser.error("give a CONFIG.yaml or --resume RUN_DIR")
-        run_training(config, resume=bool(args.resume), progress=not args.quiet)
+        if args.committee:
+            if args.committee < 2:
+                parser.error("--committee needs K >= 2")
+            base = Path(config.run_dir)
+            for seed in range(args.committee):
+                config.train.seed = seed
+                config.run_dir = str(base / f"member-{seed}")
+                resume = (Path(config.run_dir) / "last.pt").is_file()
+                if resume and (Path(config.run_dir) / "metrics.json").is_file():
+                    continue  # this member is done
+                run_training(config, resume=resume, progress=not args.quiet)
+        else:
+            run_training(config, resume=bool(args.resume), progress=not args.quiet)
     except ConfigError as err:
         raise SystemExit(f"mlpot-train: config error: {err}") from None
+    except FloatingPointError as err:
+        raise SystemExit(f"mlpot-train: {err}") from None
 
 
 def evaluate(argv: Optional[Sequence[str]] = None) -> None:

@@ -57,6 +57,7 @@ def metadata_of(potential, **extra) -> dict:
         "cutoff": potential.cutoff,
         "dtype": dtype,
         "units": {"energy": "eV", "length": "Å", "forces": "eV/Å"},
+        "periodic": False,  # trained on isolated molecules; training on cells sets True
         "hparams": potential.hparams,
     }
     meta.update(extra)

@@ -404,5 +404,32 @@ def test_non_finite_loss_raises(data, tmp_path):
     config = config_from_dict(
         make_config(data, tmp_path / "run", kind="gcn", epochs=3, lr=1e200, grad_clip=None, ema_decay=None)
     )
-    with pytest.raises(FloatingPointError, match=r"non-finite loss at epoch \d+, batch \d+ \(frames \[[\d, ]+\]\); lower train\.lr"):
+    with pytest.raises(FloatingPointError, match=r"non-finite loss at epoch \d+, batch \d+ \(training frames \[[\d, ]+\]\); stopped .* lower train\.lr"):
         run_training(config, progress=False)
+
+
+def test_non_finite_loss_can_skip_batches(data, tmp_path, capsys):
+    """A batch whose labels are NaN is skipped with a warning and the weights stay finite."""
+    config = config_from_dict(make_config(data, tmp_path / "run", kind="gcn", epochs=1, grad_clip=None, ema_decay=None))
+    config.train.on_nonfinite = "skip"
+    from mlpot.train import loop
+
+    original = loop.frames_to_graphs
+    calls = []
+
+    def poisoned(frames, *args, **kwargs):
+        graphs = original(frames, *args, **kwargs)
+        if not calls:  # the training set only
+            graphs[0][keys.ENERGY_REF] = graphs[0][keys.ENERGY_REF] * float("nan")
+        calls.append(len(graphs))
+        return graphs
+
+    loop.frames_to_graphs = poisoned
+    try:
+        run_training(config, progress=True)
+    finally:
+        loop.frames_to_graphs = original
+    captured = capsys.readouterr()
+    assert "batch skipped, weights unchanged" in captured.out + captured.err
+    state = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
+    assert all(torch.isfinite(v).all() for v in state["potential"]["state_dict"].values() if v.is_floating_point())

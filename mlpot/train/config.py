@@ -60,6 +60,8 @@ class TrainConfig:
     grad_clip: Optional[float] = 10.0
     ema_decay: Optional[float] = 0.99
     early_stopping_patience: Optional[int] = 50
+    on_nonfinite: str = "stop"  # stop | skip: what a NaN/inf loss does (skip leaves the weights unchanged)
+    max_skipped_batches: int = 10  # per epoch, with on_nonfinite: skip
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     num_threads: Optional[int] = None
@@ -84,6 +86,7 @@ _CHOICES = {
     "train.optimizer": ("adam", "adamw"),
     "train.scheduler": ("plateau", "cosine", "none"),
     "train.loss": ("mse", "mae", "huber"),
+    "train.on_nonfinite": ("stop", "skip"),
     "train.device": ("auto", "cpu", "cuda"),
 }
 

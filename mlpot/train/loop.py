@@ -301,6 +301,7 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> Dict[str,
         if world > 1 and len(batches[-1]) % world:
             batches.pop()  # every process needs an equal share of each batch
         sums = {"loss": 0.0, "e": 0.0, "f": 0.0}
+        skipped = 0
         bar = tqdm(batches, desc=f"epoch {epoch + 1}/{t.epochs}", disable=not (progress and main), leave=False)
         for step, idx in enumerate(bar):
             shard = idx[rank::world]
@@ -309,11 +310,25 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> Dict[str,
             e_err = (out[keys.ENERGY] - batch[keys.ENERGY_REF]) / batch[keys.NUM_ATOMS]
             f_err = out[keys.FORCES] - batch[keys.FORCES_REF]
             loss = t.energy_weight * loss_of(e_err) + t.forces_weight * loss_of(f_err)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"non-finite loss at epoch {epoch + 1}, batch {step} (frames {shard.tolist()}); "
-                    f"lower train.lr or check the data"
+            bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0])
+            if world > 1:
+                import torch.distributed as dist
+
+                dist.all_reduce(bad)  # every process skips or stops together
+            if bad.item() > 0:
+                message = (
+                    f"non-finite loss at epoch {epoch + 1}, batch {step} (training frames {idx.tolist()})"
                 )
+                skipped += 1
+                if t.on_nonfinite == "stop" or skipped > t.max_skipped_batches:
+                    where = (
+                        f"the last good state is {last_path}: lower train.lr or check the data, then resume with "
+                        f"--resume {run_dir}" if last_path.is_file() else "no epoch finished: lower train.lr or check the data"
+                    )
+                    raise FloatingPointError(f"{message}; stopped ({skipped} bad batch(es) this epoch); {where}")
+                if main:
+                    tqdm.write(f"warning: {message}: batch skipped, weights unchanged")
+                continue
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if world > 1:
@@ -326,10 +341,11 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> Dict[str,
             sums["loss"] += loss.item()
             sums["e"] += e_err.abs().mean().item() * 1000
             sums["f"] += f_err.abs().mean().item() * 1000
-            n = step + 1
+            n = step + 1 - skipped
             bar.set_postfix(E_meV_atom=f"{sums['e'] / n:.2f}", F_meV_A=f"{sums['f'] / n:.1f}")
         bar.close()
 
+        steps = max(1, len(batches) - skipped)
         potential.eval()
         if ema is not None:
             ema.swap(potential)
@@ -350,8 +366,8 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> Dict[str,
             best_metric, best_epoch = val_metric, epoch
         row = {
             "epoch": epoch + 1, "time_s": round(elapsed, 2), "lr": optimizer.param_groups[0]["lr"],
-            "train_loss": sums["loss"] / len(batches), "train_energy_mae_meV_per_atom": sums["e"] / len(batches),
-            "train_forces_mae_meV_per_A": sums["f"] / len(batches),
+            "train_loss": sums["loss"] / steps, "train_energy_mae_meV_per_atom": sums["e"] / steps,
+            "train_forces_mae_meV_per_A": sums["f"] / steps,
             "val_energy_mae_meV": val["energy_mae_meV"], "val_forces_mae_meV_per_A": val["forces_mae_meV_per_A"],
         }
         history.append(row)

@@ -1,0 +1,141 @@
+"""Geometry optimisation with ASE optimizers (energies in eV, forces in eV/Å, lengths in Å)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import ase.io
+import numpy as np
+from ase import Atoms
+from ase.optimize import BFGS, FIRE, LBFGS
+
+from mlpot.calculators import MLPotCalculator
+from mlpot.workflows.analysis import MOLECULES, find_bonds, load_structure
+
+OPTIMIZERS = {"bfgs": BFGS, "lbfgs": LBFGS, "fire": FIRE}
+
+
+@dataclass
+class RelaxResult:
+    """Outcome of a relaxation.
+
+    Attributes:
+        atoms: the relaxed structure (with its calculator).
+        energy_eV: final potential energy, eV.
+        max_force_eV_A: largest atomic force norm, eV/Å.
+        steps: optimizer steps taken.
+        converged: whether ``max_force_eV_A <= fmax``.
+        bonds: (i, j, "C-O", length in Å) for every bonded pair.
+        output: file the structure was written to, if any.
+    """
+
+    atoms: Atoms
+    energy_eV: float
+    max_force_eV_A: float
+    steps: int
+    converged: bool
+    bonds: list = field(default_factory=list)
+    output: str | None = None
+
+
+def load_calculator(model, dtype: str | None = "float64", device: str = "cpu") -> MLPotCalculator:
+    """An ASE calculator for a deployed model file, in ``dtype`` (None: the file's own; float64 for tight work)."""
+    return MLPotCalculator(str(model), device=device, dtype=dtype)
+
+
+def max_force(atoms: Atoms) -> float:
+    """Largest atomic force norm, eV/Å."""
+    return float(np.linalg.norm(atoms.get_forces(), axis=1).max())
+
+
+def bond_table(atoms: Atoms) -> list:
+    """(i, j, "A-B", length in Å) for every bonded pair (covalent radii criterion)."""
+    symbols = atoms.get_chemical_symbols()
+    bonds = find_bonds(atoms.numbers, atoms.positions)
+    lengths = np.linalg.norm(atoms.positions[bonds[:, 1]] - atoms.positions[bonds[:, 0]], axis=1)
+    return [(int(i), int(j), f"{symbols[i]}-{symbols[j]}", float(d)) for (i, j), d in zip(bonds, lengths)]
+
+
+def relax(
+    atoms: Atoms,
+    calc,
+    fmax: float = 0.01,
+    optimizer: str = "bfgs",
+    max_steps: int = 2000,
+    logfile=None,
+    trajectory=None,
+) -> RelaxResult:
+    """Relaxes a copy of ``atoms`` to a local minimum.
+
+    Args:
+        atoms: starting structure (left unchanged).
+        calc: ASE calculator (use float64 for ``fmax`` below ~1e-3 eV/Å).
+        fmax: force convergence criterion, eV/Å.
+        optimizer: "bfgs", "lbfgs" or "fire".
+        max_steps: optimizer step limit.
+        logfile: optimizer log (path, "-" for stdout, None for none).
+        trajectory: optional .traj path of the optimisation.
+    """
+    if optimizer.lower() not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {sorted(OPTIMIZERS)}")
+    atoms = atoms.copy()
+    atoms.calc = calc
+    opt = OPTIMIZERS[optimizer.lower()](atoms, logfile=logfile, trajectory=trajectory)
+    converged = bool(opt.run(fmax=fmax, steps=max_steps))
+    return RelaxResult(
+        atoms=atoms,
+        energy_eV=float(atoms.get_potential_energy()),
+        max_force_eV_A=max_force(atoms),
+        steps=int(opt.nsteps),
+        converged=converged,
+        bonds=bond_table(atoms),
+    )
+
+
+def write_structure(result: RelaxResult, path) -> str:
+    """Writes the relaxed structure with its energy and forces (format from the suffix, e.g. .xyz = extxyz)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ase.io.write(path, result.atoms)
+    result.output = str(path)
+    return str(path)
+
+
+def relax_structure(
+    model, structure: str, fmax: float = 0.01, optimizer: str = "bfgs", output_dir=None, data_dir=None,
+    device: str = "cpu", max_steps: int = 2000,
+) -> RelaxResult:
+    """``mlpot relax``: relaxes a structure with a model in float64 and writes ``relaxed.xyz`` and ``relax.log``.
+
+    Args:
+        model: deployed model file.
+        structure: "ethanol", "toluene", "aspirin", a dataset name or a structure file ASE reads.
+        fmax: force criterion, eV/Å.
+        optimizer: "bfgs", "lbfgs" or "fire".
+        output_dir: output folder (default ``mlpot-relax-<structure>``).
+        data_dir: folder of the reference data (default $MLPOT_DATA_DIR).
+    """
+    label = structure if structure in MOLECULES else Path(structure).stem
+    out = Path(output_dir or f"mlpot-relax-{label}")
+    out.mkdir(parents=True, exist_ok=True)
+    atoms = load_structure(structure, data_dir)
+    result = relax(atoms, load_calculator(model, "float64", device), fmax, optimizer, max_steps,
+                   logfile=str(out / "relax.log"))
+    write_structure(result, out / "relaxed.xyz")
+    return result
+
+
+def format_relax(result: RelaxResult) -> str:
+    """A human-readable summary with units."""
+    status = "converged" if result.converged else "NOT converged"
+    lines = [
+        f"relaxation {status} in {result.steps} steps",
+        f"final energy      {result.energy_eV:.6f} eV",
+        f"max force         {result.max_force_eV_A:.2e} eV/Å",
+        "bond lengths:",
+    ]
+    lines += [f"  {label:5s} {i:3d}-{j:<3d} {length:.4f} Å" for i, j, label, length in result.bonds]
+    if result.output:
+        lines.append(f"wrote {result.output}")
+    return "\n".join(lines)
