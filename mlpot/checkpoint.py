@@ -2,6 +2,7 @@
 
 import os
 import tempfile
+import zipfile
 from pathlib import Path
 
 import torch
@@ -56,10 +57,23 @@ def load_potential(path) -> Potential:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            if any("/code/" in n for n in archive.namelist()):  # TorchScript, not torch.save
+                raise ValueError(
+                    f"{path} is a TorchScript file (a deployed model?), not a checkpoint; "
+                    f"a deployed model needs no deploying: load it with mlpot.calculators.MLPotCalculator"
+                )
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for foreign or truncated files
         raise ValueError(f"{path} is not a readable mlpot checkpoint: {err}") from None
     if not isinstance(ckpt, dict) or "potential" not in ckpt:
         raise ValueError(f"{path} is not an mlpot checkpoint (no 'potential' entry)")
-    return potential_from_description(ckpt["potential"])
+    try:
+        return potential_from_description(ckpt["potential"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:  # missing entries, wrong types or shapes
+        raise ValueError(
+            f"{path} is a damaged mlpot checkpoint: its model description does not rebuild "
+            f"({type(err).__name__}: {err})"
+        ) from None

@@ -62,8 +62,8 @@ def train(argv: Optional[Sequence[str]] = None) -> None:
                 config.train.seed = seed
                 config.run_dir = str(base / f"member-{seed}")
                 resume = (Path(config.run_dir) / "last.pt").is_file()
-                if resume and (Path(config.run_dir) / "metrics.json").is_file():
-                    continue  # this member is done
+                if resume and (Path(config.run_dir) / "model.pt").is_file():
+                    continue  # this member is done (model.pt is written last, after metrics.json)
                 run_training(config, resume=resume, progress=not args.quiet)
         else:
             run_training(config, resume=bool(args.resume), progress=not args.quiet)

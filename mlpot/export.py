@@ -96,14 +96,22 @@ def read_metadata(path) -> dict:
     with zipfile.ZipFile(path) as archive:
         names = [n for n in archive.namelist() if n.endswith("extra/" + METADATA_FILE)]
         if not names:
+            if not any("/code/" in n for n in archive.namelist()):  # TorchScript archives hold code/, torch.save ones not
+                raise ValueError(
+                    f"{path} is a torch.save file (a training checkpoint?), not a deployed mlpot model; "
+                    f"deploy a checkpoint with: mlpot-deploy CHECKPOINT -o MODEL.pt"
+                )
             raise ValueError(f"{path} is a TorchScript file but not an mlpot model (no {METADATA_FILE} metadata)")
         try:
             meta = json.loads(archive.read(names[0]).decode("utf-8"))
         except (ValueError, UnicodeDecodeError) as err:
             raise ValueError(f"{path}: unreadable mlpot metadata ({err})") from None
     version = meta.get("format_version")
-    if not isinstance(version, int):
-        raise ValueError(f"{path}: metadata has no format_version")
+    if not isinstance(version, int) or version < 1:
+        raise ValueError(
+            f"{path} was written before mlpot model files had a format version ({version!r}) and cannot be "
+            f"read safely; re-deploy it from its checkpoint: mlpot-deploy CHECKPOINT -o NEW.pt"
+        )
     if version > FORMAT_VERSION:
         raise ValueError(
             f"{path} has model format version {version}, newer than this mlpot ({mlpot.__version__}) reads "

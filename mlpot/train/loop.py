@@ -148,22 +148,28 @@ def _loss_fn(kind: str, delta: float):
 
 
 def _make_scheduler(optimizer, cfg: Config):
+    """ReduceLROnPlateau for ``plateau``; None for ``cosine`` (set per epoch by :func:`cosine_lr`) and ``none``."""
     t = cfg.train
     if t.scheduler == "plateau":
         return torch.optim.lr_scheduler.ReduceLROnPlateau(
             optimizer, factor=t.lr_factor, patience=t.lr_patience, min_lr=t.min_lr
         )
-    if t.scheduler == "cosine":
-        floor = t.min_lr / t.lr
-
-        def factor(epoch: int) -> float:
-            if epoch < t.warmup_epochs:
-                return (epoch + 1) / (t.warmup_epochs + 1)
-            progress = (epoch - t.warmup_epochs) / max(1, t.epochs - t.warmup_epochs)
-            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     return None
+
+
+def cosine_lr(cfg: Config, epoch: int, elapsed: float) -> float:
+    """Linear warm-up, then cosine decay from ``lr`` to ``min_lr`` over the run's budget.
+
+    Progress is the larger of the epoch fraction and, with ``max_time``, the time fraction, so a
+    time-limited run still ends its schedule at ``min_lr``.
+    """
+    t = cfg.train
+    if epoch < t.warmup_epochs:
+        return t.lr * (epoch + 1) / (t.warmup_epochs + 1)
+    progress = (epoch - t.warmup_epochs) / max(1, t.epochs - t.warmup_epochs)
+    if t.max_time:
+        progress = max(progress, elapsed / t.max_time)
+    return t.min_lr + (t.lr - t.min_lr) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
 # === distributed ===
@@ -237,14 +243,16 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> Dict[str,
     if world > 1 and t.batch_size % world:
         raise ConfigError(f"train.batch_size ({t.batch_size}) must be a multiple of the {world} processes")
     dtype = _DTYPES[cfg.model.dtype]
-    if resume and not last_path.is_file():
-        raise FileNotFoundError(f"cannot resume: {last_path} does not exist")
-    if not resume and last_path.exists():
-        raise ConfigError(f"run_dir {run_dir} already holds a run; use --resume or another run_dir")
     if resume and main:  # temporary files of writes that a kill interrupted
-        for pattern in ("last.pt*.tmp", "best.pt*.tmp", "model.pt*.tmp", "log.csv.tmp"):
+        for pattern in ("last.pt*.tmp", "best.pt*.tmp", "model.pt*.tmp", "log.csv.tmp", "config.yaml.tmp", "metrics.json.tmp"):
             for stale in run_dir.glob(pattern):
                 stale.unlink(missing_ok=True)
+    if resume and not last_path.is_file():
+        if not (run_dir / "config.yaml").is_file():
+            raise FileNotFoundError(f"cannot resume: {last_path} does not exist")
+        resume = False  # stopped before its first checkpoint: nothing to continue, so the run starts over
+    if not resume and last_path.exists():
+        raise ConfigError(f"run_dir {run_dir} already holds a run; use --resume or another run_dir")
 
     train_frames, val_frames, test_frames = split_frames(cfg)
     species = sorted({int(z) for zs in train_frames.numbers for z in zs})
@@ -276,8 +284,8 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> Dict[str,
     start_epoch, best_metric, best_epoch, elapsed = 0, float("inf"), -1, 0.0
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
-        if scheduler is not None:
-            scheduler.load_state_dict(state["scheduler"])
+        if scheduler is not None and state["scheduler"] is not None:
+            scheduler.load_state_dict(state["scheduler"])  # a resume may switch schedules: then start afresh
         if ema is not None:
             ema.load_state_dict(state["ema"])
         history = state["history"]
@@ -285,7 +293,8 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> Dict[str,
 
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        _write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    writer = _tensorboard(run_dir) if main else None
     stopped = "epochs"
     for epoch in range(start_epoch, t.epochs):
         if t.max_time is not None and elapsed >= t.max_time:
@@ -295,6 +304,9 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> Dict[str,
             stopped = "early_stopping"
             break
         tic = time.perf_counter()
+        if t.scheduler == "cosine":
+            for group in optimizer.param_groups:
+                group["lr"] = cosine_lr(cfg, epoch, elapsed)
         potential.train()
         order = torch.randperm(len(train_graphs), generator=torch.Generator().manual_seed(t.seed * 100003 + epoch))
         batches = [order[i : i + t.batch_size] for i in range(0, len(order), t.batch_size)]
@@ -356,8 +368,6 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> Dict[str,
         val_metric = t.energy_weight * (val["energy_per_atom_mae_meV"] / 1000) ** 2 + t.forces_weight * (val["forces_mae_meV_per_A"] / 1000) ** 2
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             scheduler.step(val_metric)
-        elif scheduler is not None:
-            scheduler.step()
         elapsed += time.perf_counter() - tic
         if world > 1:
             sums, elapsed = _sync_epoch(sums, elapsed, world, device)
@@ -389,15 +399,38 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> Dict[str,
                 last_path,
             )
             _write_log(run_dir / "log.csv", history)
+            if writer is not None:
+                for name, value in row.items():
+                    if name != "epoch":
+                        writer.add_scalar(name, value, epoch + 1)
+                writer.flush()
             if progress:
                 tqdm.write(
                     f"epoch {epoch + 1}: val E MAE {val['energy_mae_meV']:.2f} meV, F MAE {val['forces_mae_meV_per_A']:.2f} meV/Å, "
                     f"lr {row['lr']:.2e}, {elapsed:.0f} s"
                 )
 
+    if writer is not None:
+        writer.close()
     if not main:
         return {}
     return finish(cfg, test_frames, history, stopped, elapsed, device, progress)
+
+
+def _tensorboard(run_dir: Path):
+    """A TensorBoard writer in ``run_dir/tensorboard`` when the tensorboard package is installed, else None."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(run_dir / "tensorboard"))
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    """Write to ``path.tmp``, then rename: a kill never leaves a half-written config or metrics file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def _write_log(path: Path, history: List[dict]) -> None:
@@ -432,7 +465,9 @@ def finish(cfg: Config, test_frames: Frames, history, stopped: str, elapsed: flo
         "num_parameters": sum(p.numel() for p in potential.parameters()),
         "model": {"kind": cfg.model.kind, "cutoff": cfg.model.cutoff, "dtype": cfg.model.dtype, "hparams": potential.hparams},
     }
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    if history:  # a run resumed after its last epoch was killed before it wrote the log
+        _write_log(run_dir / "log.csv", history)
+    _write_text_atomic(run_dir / "metrics.json", json.dumps(metrics, indent=2))
     stats = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=False)["statistics"]
     export.save(
         potential, run_dir / "model.pt", dataset=cfg.data.dataset, metrics=test,

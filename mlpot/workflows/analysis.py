@@ -241,14 +241,20 @@ def plot_internals(internals: dict, reference: dict, path, title: str = "") -> N
 
 
 def plot_power_spectrum(wavenumbers, spectrum, path, harmonic_cm=None, title: str = "") -> None:
-    """Draws the VACF power spectrum with harmonic frequencies as vertical lines."""
+    """Draws the VACF power spectrum with harmonic frequencies as vertical lines.
+
+    The spectrum is scaled to its maximum above 100 cm^-1: below, free rotation and drift of the
+    molecule make a peak at zero that says nothing about its vibrations.
+    """
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 3.5))
     keep = wavenumbers <= 4000.0
-    ax.plot(wavenumbers[keep], spectrum[keep], color="tab:blue", lw=1.0, label="VACF power spectrum (MD)")
+    scale = max(spectrum[keep & (wavenumbers >= 100.0)].max(initial=0.0), 1e-300)
+    ax.plot(wavenumbers[keep], spectrum[keep] / scale, color="tab:blue", lw=1.0, label="VACF power spectrum (MD)")
     if harmonic_cm is not None and len(harmonic_cm):
         ax.vlines(harmonic_cm, 0, 1.05, color="tab:red", lw=0.8, alpha=0.7, label="harmonic (Hessian)")
-    ax.set(xlabel="wavenumber (cm$^{-1}$)", ylabel="intensity (normalised)", xlim=(0, 4000), title=title)
+    ax.set(xlabel="wavenumber (cm$^{-1}$)", ylabel="intensity (normalised)", xlim=(0, 4000), ylim=(0, 1.1),
+           title=title)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
