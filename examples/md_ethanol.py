@@ -10,7 +10,9 @@ from pathlib import Path
 from ase import units
 from ase.build import molecule
 from ase.md.langevin import Langevin
-from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
+import numpy as np
+from ase.constraints import FixCom
+from ase.md.velocitydistribution import thermalize_momenta
 
 from mlpot.calculators import EGNNCalculator
 
@@ -25,8 +27,9 @@ def main() -> None:
 
     atoms = molecule("CH3CH2OH")
     atoms.calc = EGNNCalculator(args.model)
-    MaxwellBoltzmannDistribution(atoms, temperature_K=500)
-    dyn = Langevin(atoms, timestep=0.5 * units.fs, temperature_K=500, friction=0.01 / units.fs)
+    atoms.set_constraint(FixCom())
+    thermalize_momenta(atoms, temperature_K=500, rng=np.random.default_rng(0))
+    dyn = Langevin(atoms, timestep=0.5 * units.fs, temperature_K=500, friction=0.01 / units.fs, fixcm=False, rng=np.random.default_rng(1))
 
     def report() -> None:
         epot, ekin = atoms.get_potential_energy(), atoms.get_kinetic_energy()
