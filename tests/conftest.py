@@ -12,7 +12,10 @@ import numpy as np
 import pytest
 import torch
 
+from ase.calculators.emt import EMT
+
 from mlpot.models import MODELS, build_potential
+from mlpot.units import KCAL_PER_MOL_TO_EV
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
@@ -79,4 +82,26 @@ def data_dir():
     path = Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "data"
     if not path.is_dir():
         pytest.skip(f"reference data folder {path} not found; set MLPOT_DATA_DIR")
+    return path
+
+
+def write_sgdml_npz(path: Path, num_frames: int, seed: int) -> Path:
+    """Displaced ethanols labelled by EMT, stored like sGDML files: E (M, 1), F, R, z in kcal/mol and Å."""
+    base = ase.build.molecule("CH3CH2OH")
+    rng = np.random.default_rng(seed)
+    positions, energies, forces = [], [], []
+    for _ in range(num_frames):
+        atoms = base.copy()
+        atoms.positions += rng.normal(scale=0.05, size=atoms.positions.shape)
+        atoms.calc = EMT()
+        positions.append(atoms.positions.copy())
+        energies.append(atoms.get_potential_energy())
+        forces.append(atoms.get_forces())
+    np.savez(
+        path,
+        E=np.array(energies)[:, None] / KCAL_PER_MOL_TO_EV,
+        F=np.array(forces) / KCAL_PER_MOL_TO_EV,
+        R=np.array(positions),
+        z=base.numbers,
+    )
     return path

@@ -15,13 +15,12 @@ import textwrap
 import time
 from pathlib import Path
 
-import ase.build
 import numpy as np
 import pytest
 import torch
 import yaml
-from ase.calculators.emt import EMT
 
+from conftest import write_sgdml_npz
 from mlpot import checkpoint, export, keys
 from mlpot.cli import evaluate, train as train_cli
 from mlpot.data import collate
@@ -42,28 +41,6 @@ TMP_PATTERN = "*.tmp"
 
 
 # === data and configs ===
-def write_sgdml_npz(path: Path, num_frames: int, seed: int) -> Path:
-    """Displaced ethanols labelled by EMT, stored like sGDML files: E (M, 1), F, R, z in kcal/mol and Å."""
-    base = ase.build.molecule("CH3CH2OH")
-    rng = np.random.default_rng(seed)
-    positions, energies, forces = [], [], []
-    for _ in range(num_frames):
-        atoms = base.copy()
-        atoms.positions += rng.normal(scale=0.05, size=atoms.positions.shape)
-        atoms.calc = EMT()
-        positions.append(atoms.positions.copy())
-        energies.append(atoms.get_potential_energy())
-        forces.append(atoms.get_forces())
-    np.savez(
-        path,
-        E=np.array(energies)[:, None] / KCAL_PER_MOL_TO_EV,
-        F=np.array(forces) / KCAL_PER_MOL_TO_EV,
-        R=np.array(positions),
-        z=base.numbers,
-    )
-    return path
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     folder = tmp_path_factory.mktemp("data")

@@ -12,10 +12,9 @@ import ase.build
 import numpy as np
 import torch
 import yaml
-from ase.calculators.emt import EMT
 
+from conftest import write_sgdml_npz  # noqa: F401  (re-exported for the robustness tests)
 from mlpot.models import build_potential
-from mlpot.units import KCAL_PER_MOL_TO_EV
 
 HERE = Path(__file__).resolve().parent
 HPARAMS = {
@@ -26,28 +25,6 @@ HPARAMS = {
 SPECIES = (1, 6, 8)
 # per-species energy shifts of a plausible size (eV), so that a shift that is lost shows
 SHIFTS = {1: -13.6, 6: -1029.5, 8: -2041.3}
-
-
-def write_sgdml_npz(path: Path, num_frames: int, seed: int) -> Path:
-    """Displaced ethanols labelled by EMT, stored like sGDML files: E (M, 1), F, R, z in kcal/mol and Å."""
-    base = ase.build.molecule("CH3CH2OH")
-    rng = np.random.default_rng(seed)
-    positions, energies, forces = [], [], []
-    for _ in range(num_frames):
-        atoms = base.copy()
-        atoms.positions += rng.normal(scale=0.05, size=atoms.positions.shape)
-        atoms.calc = EMT()
-        positions.append(atoms.positions.copy())
-        energies.append(atoms.get_potential_energy())
-        forces.append(atoms.get_forces())
-    np.savez(
-        path,
-        E=np.array(energies)[:, None] / KCAL_PER_MOL_TO_EV,
-        F=np.array(forces) / KCAL_PER_MOL_TO_EV,
-        R=np.array(positions),
-        z=base.numbers,
-    )
-    return path
 
 
 def make_config(train_file, test_file, run_dir, kind="gcn", epochs=6, train_size=10, val_size=4, **train) -> dict:
