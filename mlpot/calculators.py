@@ -188,6 +188,7 @@ class CommitteeCalculator(Calculator):
         species = {tuple(m.species) for m in self.members}
         if len(species) > 1:
             raise ValueError(f"committee members know different elements: {sorted(species)}")
+        self.dtype = self.members[0].dtype
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
         super().calculate(atoms, properties, system_changes)

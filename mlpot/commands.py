@@ -38,6 +38,8 @@ def _md_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-harmonic", action="store_true", help="skip the Hessian frequencies on the power spectrum")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--committee", nargs="+", metavar="MODEL", default=[],
+                   help="more deployed models: run with the committee mean and log the force uncertainty")
 
 
 def _relax_parser(sub) -> None:
@@ -63,7 +65,7 @@ def _vibrations_parser(sub) -> None:
 
 def run_md(args) -> md.MDReport:
     report = md.simulate(
-        args.model, args.molecule, args.temperature, args.time, args.timestep, args.ensemble,
+        [args.model, *args.committee] if args.committee else args.model, args.molecule, args.temperature, args.time, args.timestep, args.ensemble,
         output_dir=args.output, dtype=args.dtype, device=args.device, data_dir=args.data_dir,
         reference_data=args.reference_data, traj_format=args.format, friction_per_fs=args.friction,
         seed=args.seed, harmonic=not args.no_harmonic, progress=not args.quiet,

@@ -188,3 +188,22 @@ def test_reference_bonds_need_the_same_atom_order(ethanol_reference, data_dir):
     assert len(bonds) == len(lengths) == 8
     with pytest.raises(ValueError, match="same atom order"):
         md.reference_bonds(ethanol_reference, atoms[[0, 1, 2, 8, 4, 5, 6, 7, 3]])
+
+
+def test_md_with_a_committee_logs_the_force_uncertainty(tmp_path, data_dir):
+    """Two different models as a committee: the run reports a positive force spread along the trajectory."""
+    import torch
+
+    from mlpot import export
+    from mlpot.workflows import md
+
+    paths = []
+    for seed in (0, 1):
+        path = tmp_path / f"member{seed}.pt"
+        export.save(make_tiny_potential("schnet", torch.float64, seed=seed), path)
+        paths.append(path)
+    report = md.simulate(paths, "ethanol", 300.0, "20fs", "0.5fs", "nve", output_dir=tmp_path / "md",
+                         data_dir=data_dir, harmonic=False, progress=False)
+    assert report.forces_std_max_eV_per_A is not None and report.forces_std_max_eV_per_A > 0
+    assert report.forces_std_mean_eV_per_A <= report.forces_std_max_eV_per_A
+    assert "committee force uncertainty" in md.format_md(report)

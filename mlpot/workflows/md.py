@@ -51,6 +51,7 @@ class MDRun:
         collapse_step: step at which the run collapsed, or None if it stayed stable.
         collapse_reason: what happened then.
         wall_time_s: wall time of the dynamics loop, s.
+        forces_std_max: (F,) largest per-atom force spread of a committee calculator, eV/Å (empty otherwise).
     """
 
     numbers: np.ndarray
@@ -66,6 +67,7 @@ class MDRun:
     collapse_step: int | None
     collapse_reason: str
     wall_time_s: float
+    forces_std_max: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
 
 def make_dynamics(atoms, ensemble, timestep_fs, temperature_K, friction_per_fs=0.01, tdamp_fs=None, seed=0, **kwargs):
@@ -155,7 +157,8 @@ def run_md(
     if trajectory:
         write, close = _trajectory_writer(atoms, trajectory)
         dyn.attach(write, interval=traj_interval)
-    samples = {"positions": [], "velocities": [], "times_ps": [], "total_energy_eV": [], "temperature_K": []}
+    samples = {"positions": [], "velocities": [], "times_ps": [], "total_energy_eV": [], "temperature_K": [],
+               "forces_std_max": []}
     collapse_step, reason = None, "stable"
     bar = tqdm(total=steps, unit="step", disable=not progress, mininterval=1.0,
                desc=f"MD {ensemble} {temperature_K:g} K")
@@ -198,6 +201,9 @@ def _sample(samples: dict, atoms: Atoms, time_ps: float) -> None:
     samples["times_ps"].append(time_ps)
     samples["total_energy_eV"].append(atoms.get_potential_energy() + atoms.get_kinetic_energy())
     samples["temperature_K"].append(_temperature(atoms))
+    spread = atoms.calc.results.get("forces_std") if atoms.calc is not None else None
+    if spread is not None:  # a committee: log the force uncertainty along the trajectory
+        samples["forces_std_max"].append(float(np.linalg.norm(spread, axis=1).max()))
 
 
 @dataclass
@@ -221,6 +227,8 @@ class MDReport:
     hr_mae: float | None = None
     hr_mae_reference_halves: float | None = None  # first vs second half of the reference: its noise floor
     energy_drift_meV_atom_ps: float | None = None
+    forces_std_max_eV_per_A: float | None = None  # committee only: largest force spread along the run
+    forces_std_mean_eV_per_A: float | None = None
     internals_mae: dict = field(default_factory=dict)
     harmonic_cm: list = field(default_factory=list)
     reference: str | None = None
@@ -246,6 +254,8 @@ def _harmonic_cm(atoms, model, device) -> list:
     """Hessian frequencies (cm^-1) at the model's float64 minimum near ``atoms``."""
     from mlpot.workflows.vibrations import harmonic_frequencies, relax_to_minimum
 
+    if isinstance(model, (list, tuple)):
+        model = model[0]  # a committee's frequencies: those of its first member
     calc = load_calculator(model, "float64", device)
     relaxed, hessian = relax_to_minimum(atoms, calc, 1e-3, calc.get_hessian, max_steps=500)
     return harmonic_frequencies(relaxed.atoms, hessian).tolist()
@@ -329,6 +339,9 @@ def _report(run: MDRun, label, ensemble, temperature_K, time_fs, dtype) -> MDRep
         ms_per_step=1000.0 * run.wall_time_s / max(run.steps, 1),
         mean_temperature_K=float(run.temperature_K.mean()) if len(run.temperature_K) else float("nan"),
     )
+    if len(run.forces_std_max):
+        report.forces_std_max_eV_per_A = float(run.forces_std_max.max())
+        report.forces_std_mean_eV_per_A = float(run.forces_std_max.mean())
     if ensemble == "nve" and len(run.times_ps) > 2:
         report.energy_drift_meV_atom_ps = analysis.energy_drift(run.times_ps, run.total_energy_eV, len(run.numbers))
     return report
@@ -386,6 +399,9 @@ def format_md(report: MDReport) -> str:
         lines.append(f"{name} distribution MAE against the reference: {value:.4f}")
     if report.energy_drift_meV_atom_ps is not None:
         lines.append(f"NVE total-energy drift: {report.energy_drift_meV_atom_ps:+.4f} meV/atom/ps")
+    if report.forces_std_max_eV_per_A is not None:
+        lines.append(f"committee force uncertainty (largest per-atom std): mean {report.forces_std_mean_eV_per_A:.4f}, "
+                     f"max {report.forces_std_max_eV_per_A:.4f} eV/Å")
     lines += [f"note: {note}" for note in report.notes]
     lines += [f"wrote {path}" for path in report.files.values()]
     return "\n".join(lines)

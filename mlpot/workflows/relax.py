@@ -10,7 +10,7 @@ import numpy as np
 from ase import Atoms
 from ase.optimize import BFGS, FIRE, LBFGS
 
-from mlpot.calculators import MLPotCalculator
+from mlpot.calculators import CommitteeCalculator, MLPotCalculator
 from mlpot.workflows.analysis import MOLECULES, find_bonds, load_structure
 
 OPTIMIZERS = {"bfgs": BFGS, "lbfgs": LBFGS, "fire": FIRE}
@@ -39,8 +39,15 @@ class RelaxResult:
     output: str | None = None
 
 
-def load_calculator(model, dtype: str | None = "float64", device: str = "cpu") -> MLPotCalculator:
-    """An ASE calculator for a deployed model file, in ``dtype`` (None: the file's own; float64 for tight work)."""
+def load_calculator(model, dtype: str | None = "float64", device: str = "cpu"):
+    """An ASE calculator for a deployed model file, in ``dtype`` (None: the file's own; float64 for tight work).
+
+    A list of two or more files gives a CommitteeCalculator (mean forces, plus their spread).
+    """
+    if isinstance(model, (list, tuple)):
+        if len(model) > 1:
+            return CommitteeCalculator([str(m) for m in model], device=device, dtype=dtype)
+        model = model[0]
     return MLPotCalculator(str(model), device=device, dtype=dtype)
 
 
