@@ -12,4 +12,4 @@ for recipe in training/*-{gcn,schnet,egnn}.yaml; do
         mlpot-train "$recipe" --quiet "$@"
     fi
 done
-python deploy/collect.py runs/*/
+python deploy/collect.py runs/{ethanol,toluene,aspirin}-{egnn,schnet}
