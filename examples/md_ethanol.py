@@ -11,6 +11,7 @@ from ase import units
 from ase.build import molecule
 from ase.md.langevin import Langevin
 import numpy as np
+import torch
 from ase.constraints import FixCom
 from ase.md.velocitydistribution import thermalize_momenta
 
@@ -24,6 +25,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--model", default=str(ROOT / "deploy" / "ethanol.pt"))
     args = parser.parse_args()
+    torch.set_num_threads(1)  # a 9-atom molecule gains nothing from more threads, and loses a lot on a busy machine
 
     atoms = molecule("CH3CH2OH")
     atoms.calc = EGNNCalculator(args.model)
