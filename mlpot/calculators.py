@@ -9,8 +9,8 @@ from ase.calculators.calculator import Calculator, all_changes
 
 from mlpot import export, keys
 from mlpot.data.graph import check_structure, make_graph
+from mlpot.models import DTYPES as _DTYPES
 
-_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 class MLPotCalculator(Calculator):

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import torch
 
+from mlpot.models import DTYPES as _DTYPES
 from mlpot.models import Potential, build_potential
 
-_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 def atomic_torch_save(obj, path) -> None:

@@ -10,6 +10,8 @@ from mlpot.models.potential import Potential
 from mlpot.models.schnet import SchNet
 
 MODELS = {"gcn": GCN, "schnet": SchNet, "egnn": EGNN}
+# the precisions mlpot runs in, by the names configs and model files use
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 def build_potential(
@@ -34,4 +36,4 @@ def build_potential(
     return potential.to(dtype)
 
 
-__all__ = ["EGNN", "GCN", "MODELS", "Potential", "SchNet", "build_potential"]
+__all__ = ["DTYPES", "EGNN", "GCN", "MODELS", "Potential", "SchNet", "build_potential"]

@@ -19,11 +19,11 @@ from mlpot.checkpoint import atomic_torch_save, describe, potential_from_descrip
 from mlpot.data import datasets
 from mlpot.data.datasets import Frames, block_split, load_dataset, split_indices
 from mlpot.data.graph import Graph, collate, make_graph
+from mlpot.models import DTYPES as _DTYPES
 from mlpot.models import Potential, build_potential
 from mlpot.train.config import Config, ConfigError
 from mlpot.train.metrics import error_metrics, format_metrics, predict
 
-_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 # === data ===
