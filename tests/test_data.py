@@ -36,13 +36,9 @@ def no_network_and_private_cache(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def real_data_dir():
-    """The shared reference data folder: $MLPOT_DATA_DIR, else ../shared/data next to the project."""
-    candidates = [os.environ.get("MLPOT_DATA_DIR"), Path(__file__).resolve().parents[2] / "shared" / "data"]
-    for candidate in candidates:
-        if candidate and Path(candidate).is_dir():
-            return Path(candidate)
-    pytest.skip("reference data not found: set MLPOT_DATA_DIR to the shared data folder")
+def real_data_dir(data_dir):
+    """The shared reference data folder (the ``data_dir`` fixture of conftest.py)."""
+    return data_dir
 
 
 def fake_md17(n_frames=4, numbers=(6, 1, 1, 8), seed=0):
