@@ -11,7 +11,6 @@ from mlpot.models import DTYPES as _DTYPES
 from mlpot.models import Potential, build_potential
 
 
-
 def atomic_torch_save(obj, path) -> None:
     """``torch.save`` to a temporary file in the same folder, then rename: never a half-written file."""
     path = Path(path)
@@ -52,18 +51,36 @@ def potential_from_description(desc: dict) -> Potential:
     return potential
 
 
+def potential_from_deployed(path) -> Potential:
+    """Rebuild the eager Potential of a deployed TorchScript file from its metadata and weights
+    (to deploy it in another format, or to look inside it)."""
+    from mlpot import export
+
+    scripted, meta = export.load(path)
+    if meta.get("format", "torchscript") != "torchscript":
+        raise ValueError(f"{path} is compiled ({meta['format']}) and cannot be rebuilt; use its TorchScript file or checkpoint")
+    potential = build_potential(meta["kind"], meta["species"], meta["cutoff"], dtype=_DTYPES[meta["dtype"]], **meta["hparams"])
+    wanted = potential.state_dict().keys()  # TorchScript also keeps non-persistent buffers (derived tables)
+    try:
+        potential.load_state_dict({k: v for k, v in scripted.state_dict().items() if k in wanted})
+    except RuntimeError as err:
+        raise ValueError(f"{path}: its weights do not fit the model its metadata describes ({err})") from None
+    return potential.eval()
+
+
 def load_potential(path) -> Potential:
-    """Rebuild the Potential stored in a checkpoint file written by :func:`save_potential` or training."""
+    """Rebuild the Potential stored in a checkpoint file written by :func:`save_potential` or training,
+    or in a deployed TorchScript file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
     if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as archive:
-            if any("/code/" in n for n in archive.namelist()):  # TorchScript, not torch.save
-                raise ValueError(
-                    f"{path} is a TorchScript file (a deployed model?), not a checkpoint; "
-                    f"a deployed model needs no deploying: load it with mlpot.calculators.MLPotCalculator"
-                )
+            names = archive.namelist()
+        if any(n.endswith("extra/mlpot.json") for n in names):  # a deployed model
+            return potential_from_deployed(path)
+        if any("/code/" in n for n in names):  # TorchScript, not torch.save
+            raise ValueError(f"{path} is a TorchScript file without mlpot metadata, not an mlpot checkpoint")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for foreign or truncated files

@@ -6,12 +6,17 @@ from typing import Optional, Sequence
 
 
 def deploy(argv: Optional[Sequence[str]] = None) -> None:
-    """``mlpot-deploy CHECKPOINT -o MODEL.pt``: compile a checkpoint into one deployed file."""
+    """``mlpot-deploy CHECKPOINT -o MODEL.pt [--format aoti]``: compile a checkpoint into one deployed file."""
     parser = argparse.ArgumentParser(prog="mlpot-deploy", description=deploy.__doc__)
-    parser.add_argument("checkpoint", help="checkpoint written by mlpot (training or save_potential)")
-    parser.add_argument("-o", "--output", required=True, help="deployed file to write, e.g. ethanol.pt")
+    parser.add_argument("checkpoint", help="checkpoint written by mlpot (training or save_potential), or a deployed TorchScript file")
+    parser.add_argument("-o", "--output", required=True, help="deployed file to write, e.g. ethanol.pt (ethanol.pt2 for aoti)")
     parser.add_argument("--dtype", choices=["float32", "float64"], help="convert the model to this dtype")
     parser.add_argument("--dataset", help="training data name recorded in the metadata")
+    parser.add_argument(
+        "--format", choices=["torchscript", "aoti"], default="torchscript",
+        help="torchscript (portable, has Hessians) or aoti (torch.export + AOTInductor: native code for this "
+        "machine's CPU, faster, energy and forces only; compiling takes a minute or two)",
+    )
     args = parser.parse_args(argv)
 
     import torch
@@ -23,8 +28,15 @@ def deploy(argv: Optional[Sequence[str]] = None) -> None:
     if args.dtype:
         potential = potential.to(getattr(torch, args.dtype))
     extra = {"dataset": args.dataset} if args.dataset else {}
-    meta = export.save(potential, args.output, **extra)
-    print(f"wrote {args.output}: {json.dumps({k: meta[k] for k in ('kind', 'species', 'cutoff', 'dtype')})}")
+    try:  # a deployed source file: carry what its metadata recorded (dataset, metrics...)
+        source = export.read_metadata(args.checkpoint)
+    except ValueError:  # a checkpoint
+        source = {}
+    for key in ("dataset", "metrics", "min_pair_distances", "periodic"):
+        if key in source:
+            extra.setdefault(key, source[key])
+    meta = export.save(potential, args.output, format=args.format, **extra)
+    print(f"wrote {args.output}: {json.dumps({k: meta[k] for k in ('kind', 'species', 'cutoff', 'dtype', 'format')})}")
 
 
 def train(argv: Optional[Sequence[str]] = None) -> None:

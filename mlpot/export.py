@@ -1,8 +1,14 @@
-"""Deployed model files: one TorchScript file that carries its own metadata.
+"""Deployed model files: one file that carries its own metadata, in one of two formats.
 
-The file is a TorchScript archive of the whole :class:`~mlpot.models.Potential` (energies and
-autograd forces, plus an exported ``hessian`` method) with ``mlpot.json`` among its extra files.
-Loading it needs only torch; the metadata gives the kind, species, cutoff, dtype and units.
+- ``torchscript`` (default, ``.pt``): a TorchScript archive of the whole
+  :class:`~mlpot.models.Potential` (energies and autograd forces, plus an exported ``hessian``
+  method) with ``mlpot.json`` among its extra files.
+- ``aoti`` (``.pt2``): the energy-and-forces function traced (forces included, by tracing the
+  backward pass), exported with ``torch.export`` and compiled ahead of time by AOTInductor into
+  native code, with ``mlpot.json`` in the package. Faster on a CPU; fixed dtype and device; no
+  Hessian (use the TorchScript file for that).
+
+Loading either needs only torch; the metadata gives the kind, species, cutoff, dtype and units.
 """
 
 import contextlib
@@ -13,14 +19,18 @@ import tempfile
 import warnings
 import zipfile
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 
 import mlpot
+from mlpot import keys
 
 FORMAT_VERSION = 1
 METADATA_FILE = "mlpot.json"
+FORMATS = ("torchscript", "aoti")
+# inputs of the AOTInductor function, in order; its outputs are energy (B,), forces (N, 3), node energy (N,)
+AOTI_INPUTS = (keys.POSITIONS, keys.ATOMIC_NUMBERS, keys.EDGE_INDEX, keys.SHIFT, keys.BATCH, keys.NUM_ATOMS)
 _TORCHSCRIPT_DEPRECATION = r"`torch\.jit\.(script|save|load|trace|trace_method)` is deprecated"
 
 
@@ -64,26 +74,121 @@ def metadata_of(potential, **extra) -> dict:
     return meta
 
 
-def save(potential, path, **extra) -> dict:
+def save(potential, path, format: str = "torchscript", **extra) -> dict:
     """Compile ``potential`` and write it with its metadata to ``path`` atomically.
 
-    Extra keyword arguments (e.g. ``dataset="rmd17_ethanol"``, ``metrics={...}``) go into the metadata.
-    Returns the metadata written.
+    ``format`` is ``"torchscript"`` (default) or ``"aoti"`` (AOTInductor package, see the module
+    docstring; compiling takes a minute or two). Extra keyword arguments (e.g.
+    ``dataset="rmd17_ethanol"``, ``metrics={...}``) go into the metadata. Returns the metadata written.
     """
+    if format not in FORMATS:
+        raise ValueError(f"unknown deploy format {format!r}; choose one of {FORMATS}")
     path = Path(path)
-    meta = metadata_of(potential, **extra)
-    scripted = compile_potential(potential)
+    meta = metadata_of(potential, format=format, **extra)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
+    # AOTInductor insists on a .pt2 name
+    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp" if format == "torchscript" else ".tmp.pt2", dir=path.parent)
     os.close(fd)
     try:
-        with _quiet_torchscript():
-            torch.jit.save(scripted, tmp, _extra_files={METADATA_FILE: json.dumps(meta, ensure_ascii=False)})
+        if format == "torchscript":
+            scripted = compile_potential(potential)
+            with _quiet_torchscript():
+                torch.jit.save(scripted, tmp, _extra_files={METADATA_FILE: json.dumps(meta, ensure_ascii=False)})
+        else:
+            _save_aoti(potential, tmp, meta)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
     return meta
+
+
+class _EnergyAndForces(torch.nn.Module):
+    """The function AOTInductor compiles: flat tensors in, (energy, forces, node energy) out."""
+
+    def __init__(self, potential):
+        super().__init__()
+        self.potential = potential
+
+    def forward(self, pos, atomic_numbers, edge_index, shift, batch, num_atoms):
+        graph = {
+            keys.POSITIONS: pos, keys.ATOMIC_NUMBERS: atomic_numbers, keys.EDGE_INDEX: edge_index,
+            keys.SHIFT: shift, keys.BATCH: batch, keys.NUM_ATOMS: num_atoms,
+        }
+        # the species check is data-dependent control flow, which tracing cannot keep: the loader checks
+        out = self.potential._energy(graph, pos, check_species=False)
+        (grad,) = torch.autograd.grad([out[keys.ENERGY].sum()], [pos])
+        return out[keys.ENERGY], -grad, out[keys.NODE_ENERGY]
+
+
+def _example_inputs(potential) -> tuple:
+    """A small molecule of the model's own elements (5 atoms, 2 structures) to trace with."""
+    from mlpot.data.graph import collate, make_graph
+
+    dtype = potential.energy_scale.dtype
+    gen = torch.Generator().manual_seed(0)
+    species = potential.species
+    graphs = []
+    for n in (3, 2):
+        numbers = [species[k % len(species)] for k in range(n)]
+        positions = torch.rand(n, 3, generator=gen, dtype=torch.float64) * 1.5 + torch.arange(n).unsqueeze(1)
+        graphs.append(make_graph(numbers, positions.numpy(), potential.cutoff, dtype=dtype))
+    graph = collate(graphs)
+    return tuple(graph[k] for k in AOTI_INPUTS)
+
+
+def _save_aoti(potential, path, meta: dict) -> None:
+    """Trace energy and forces (make_fx follows autograd into the backward pass), export with
+    dynamic atom, edge and structure counts, and compile with AOTInductor into ``path``."""
+    import zipfile as _zipfile
+
+    from torch.export import Dim
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    function = _EnergyAndForces(copy.deepcopy(potential).eval())
+    for param in function.parameters():
+        param.requires_grad_(False)
+    inputs = list(_example_inputs(potential))
+    inputs[0] = inputs[0].clone().requires_grad_(True)
+    traced = make_fx(function, tracing_mode="symbolic", _allow_non_fake_inputs=True)(*inputs)
+    atoms, edges, structures = Dim("atoms", min=1), Dim("edges", min=0), Dim("structures", min=1)
+    dynamic = (
+        {0: atoms}, {0: atoms}, {1: edges}, {0: edges}, {0: atoms}, {0: structures},
+    )
+    inputs[0] = inputs[0].detach()
+    exported = torch.export.export(traced, tuple(inputs), dynamic_shapes=dynamic, strict=False)
+    torch._inductor.aoti_compile_and_package(exported, package_path=str(path))
+    with _zipfile.ZipFile(path, "a") as archive:
+        archive.writestr(f"{_aoti_root(archive)}/extra/{METADATA_FILE}", json.dumps(meta, ensure_ascii=False))
+
+
+def _aoti_root(archive) -> str:
+    """Top folder of a .pt2 package (every member lives under it)."""
+    return archive.namelist()[0].split("/")[0]
+
+
+class AOTIModel:
+    """A loaded AOTInductor package with the calling convention of the TorchScript model:
+    ``model(graph) -> {energy, forces, node_energy}``."""
+
+    def __init__(self, runner, dtype: torch.dtype, device: str, path):
+        self.runner = runner
+        self.dtype = dtype
+        self.device = device
+        self.path = str(path)
+
+    def __call__(self, graph):
+        energy, forces, node_energy = self.runner(*(graph[k] for k in AOTI_INPUTS))
+        return {keys.ENERGY: energy, keys.FORCES: forces, keys.NODE_ENERGY: node_energy}
+
+    def hessian(self, graph):
+        raise NotImplementedError(
+            f"{self.path} is an AOTInductor file (energy and forces only); for Hessians deploy the "
+            f"model in TorchScript format (mlpot-deploy CHECKPOINT -o MODEL.pt)"
+        )
+
+    def eval(self):
+        return self
 
 
 def read_metadata(path) -> dict:
@@ -123,9 +228,14 @@ def read_metadata(path) -> dict:
     return meta
 
 
-def load(path, device: str = "cpu", dtype: Optional[torch.dtype] = None) -> Tuple[torch.jit.ScriptModule, dict]:
-    """Load a deployed file: (model in eval mode on ``device``, in ``dtype`` or the file's own, metadata)."""
+def load(path, device: str = "cpu", dtype: Optional[torch.dtype] = None):
+    """Load a deployed file: (model in eval mode on ``device``, in ``dtype`` or the file's own, metadata).
+
+    The model is called as ``model(graph)`` and has ``model.hessian(graph)`` (TorchScript only).
+    """
     meta = read_metadata(path)
+    if meta.get("format", "torchscript") == "aoti":
+        return _load_aoti(path, device, dtype, meta), meta
     try:
         with _quiet_torchscript():
             module = torch.jit.load(str(path), map_location=device)
@@ -135,3 +245,19 @@ def load(path, device: str = "cpu", dtype: Optional[torch.dtype] = None) -> Tupl
     if dtype is not None:
         module.to(dtype)
     return module, meta
+
+
+def _load_aoti(path, device: str, dtype: Optional[torch.dtype], meta: dict) -> AOTIModel:
+    file_dtype = getattr(torch, meta["dtype"])
+    if dtype is not None and dtype != file_dtype:
+        raise ValueError(
+            f"{path} is compiled (AOTInductor) for {meta['dtype']} and cannot run in {dtype}; deploy the "
+            f"checkpoint again with --dtype, or use the TorchScript format"
+        )
+    if torch.device(device).type != "cpu":
+        raise ValueError(f"{path} is compiled (AOTInductor) for the CPU; deploy it again on {device} to run there")
+    try:
+        runner = torch._inductor.aoti_load_package(str(path))
+    except Exception as err:  # torch raises several types for damaged or foreign packages
+        raise ValueError(f"{path} could not be loaded as an AOTInductor package: {err}") from None
+    return AOTIModel(runner, file_dtype, device, path)

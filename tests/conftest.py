@@ -23,7 +23,7 @@ torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 TINY_HPARAMS = {
     "gcn": {"num_features": 16, "num_layers": 2},
     "schnet": {"num_features": 16, "num_layers": 2},
-    "egnn": {"num_features": 8, "lmax": 2, "num_layers": 2, "radial_hidden": 16},
+    "egnn": {"num_features": 8, "lmax": 2, "num_layers": 2, "radial_hidden": 16, "parity": False},  # as the recipes: fused layers
 }
 KINDS = sorted(MODELS)
 DTYPES = {"float32": torch.float32, "float64": torch.float64}

@@ -10,6 +10,7 @@ from e3nn.nn import FullyConnectedNet, Gate
 from torch import Tensor, nn
 
 from mlpot import keys
+from mlpot.nn import equivariant
 from mlpot.nn.radial import BesselBasis, PolynomialCutoff, edge_vectors
 
 
@@ -82,8 +83,8 @@ class Interaction(nn.Module):
         self.gate = Gate(
             scalars,
             [F.silu if ir.p == 1 else torch.tanh for _, ir in scalars],
-            o3.Irreps(f"{gated.num_irreps}x0e"),
-            [torch.sigmoid],
+            o3.Irreps(f"{gated.num_irreps}x0e") if gated.num_irreps else o3.Irreps(""),  # lmax 0: no gates
+            [torch.sigmoid] if gated.num_irreps else [],
             gated,
         )
         self.linear_out = o3.Linear(irreps_mid, self.gate.irreps_in)
@@ -92,8 +93,146 @@ class Interaction(nn.Module):
         )
         self.irreps_out = self.gate.irreps_out
         self.residual = self.irreps_out == self.irreps_in
+        try:
+            self._build_fused_tables()
+            self.fusable = True
+        except ValueError:
+            self.fusable = False
 
-    def forward(self, h: Tensor, species_onehot: Tensor, edge_index: Tensor, sh: Tensor, radial: Tensor) -> Tensor:
+    def _fused_defaults(self) -> None:
+        """Placeholders, so that TorchScript compiles :meth:`forward` for layers it cannot fuse."""
+        self.mul, self.num_rows_mid, self.num_rows_in, self.num_species = 0, 0, 0, 0
+        self.num_scalar_outputs, self.num_gates, self.gate_cst = 0, 0, 1.0
+        self.dims_in, self.mix_plan, self.scalar_acts, self.scalar_dims = [0], [0], [0], [0]
+        self.radial_scales, self.scalar_csts = [1.0], [1.0]
+        for name in ("lin_index", "weight_columns", "mix_index"):
+            self.register_buffer(name, torch.zeros(0, dtype=torch.long), persistent=False)
+        for name in ("lin_scale", "coupling", "mix_scale"):
+            self.register_buffer(name, torch.zeros(0), persistent=False)
+
+    def _build_fused_tables(self) -> None:
+        """Index and coefficient tables for :meth:`forward` (kept out of the state dict)."""
+        self._fused_defaults()
+        mul = equivariant.uniform_multiplicity(self.irreps_in)
+        self.mul = mul
+        self.dims_in: List[int] = [ir.dim for _, ir in self.irreps_in]
+        lin_index, lin_scale = equivariant.linear_table(self.linear_in)
+        coupling, weight_columns, k = equivariant.tensor_product_table(self.tp)
+        mix_index, mix_scale, plan = equivariant.mixing_table(self.linear_out, self.self_interaction, mul)
+        self.num_rows_mid = k
+        self.num_rows_in = sum(self.dims_in)
+        self.num_species = self.self_interaction.irreps_in2.num_irreps
+        self.mix_plan: List[int] = plan
+        dtype = torch.get_default_dtype()
+        # float64 originals: converting the model to float64 later must not keep float32 roundings
+        self._tables64 = {"lin_scale": lin_scale, "coupling": coupling, "mix_scale": mix_scale}
+        self.register_buffer("lin_index", lin_index, persistent=False)
+        self.register_buffer("lin_scale", lin_scale.to(dtype), persistent=False)
+        self.register_buffer("coupling", coupling.to(dtype), persistent=False)
+        self.register_buffer("weight_columns", weight_columns, persistent=False)
+        # e3nn's radial MLP: x @ (w / sqrt(fan_in)), normalised silu; the constants fold into the weights,
+        # the neighbour normalisation into the last layer
+        layers = [self.radial[i] for i in range(len(self.radial))]
+        csts = [1.0] + [float(layer.act.cst) for layer in layers[:-1]]
+        self.radial_scales: List[float] = [c / layer.h_in**0.5 for c, layer in zip(csts, layers)]
+        self.radial_scales[-1] *= self.inv_sqrt_neighbors
+        self.register_buffer("mix_index", mix_index, persistent=False)
+        self.register_buffer("mix_scale", mix_scale.to(dtype), persistent=False)
+        # the gate, read off e3nn's Gate. Its input irreps (= the mixing outputs) start with the l = 0
+        # ones: the scalars (activation 0 silu / 1 tanh, with e3nn's normalising constants), then the
+        # sigmoid gates, one per gated irrep; the gated irreps follow, one mixing output each.
+        gate = self.gate
+        outputs = [(mul_out, ir) for mul_out, ir in self.linear_out.irreps_out]
+        num_scalar_outputs = sum(1 for _, ir in outputs if ir.l == 0)
+        natural = (gate.irreps_scalars + gate.irreps_gates + gate.irreps_gated).simplify()
+        if natural != self.linear_out.irreps_out or (num_scalar_outputs > 1 and gate.irreps_gates.dim > 0):
+            # e3nn sorted the gate's input (both parities): not fused, the e3nn path runs instead
+            raise ValueError("fusing needs the gate's scalars, gates and gated irreps in e3nn's sorted order")
+        acts = {F.silu: 0, torch.tanh: 1}
+        self.num_scalar_outputs = num_scalar_outputs
+        self.scalar_acts: List[int] = [acts[a.f] for a in gate.act_scalars.acts]
+        self.scalar_csts: List[float] = [float(a.cst) for a in gate.act_scalars.acts]
+        self.scalar_dims: List[int] = [mul_ir.dim for mul_ir in gate.irreps_scalars]
+        self.gate_cst = float(gate.act_gates.acts[0].cst) if len(gate.act_gates.acts) else 1.0
+        self.num_gates = gate.irreps_gates.dim
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        for name, table in getattr(self, "_tables64", {}).items():
+            current = getattr(self, name)
+            setattr(self, name, table.to(device=current.device, dtype=current.dtype))
+        return self
+
+    def forward(self, x: Tensor, species_onehot: Tensor, edge_index: Tensor, sh: Tensor, radial: Tensor) -> Tensor:
+        """Blocked node features (N, M_in, U) -> (N, M_out, U); see :mod:`mlpot.nn.equivariant`.
+
+        The same numbers as :meth:`forward_e3nn` (e3nn's modules path by path, flat layout), as a few
+        matrix products: the tensor product as one batched product with precomputed Wigner 3j
+        couplings, the output linear map and the self-interaction as one product per output irrep.
+        """
+        n, mul = x.shape[0], self.mul
+        w_in = self.linear_in.weight[self.lin_index] * self.lin_scale  # (M, U, U)
+        mixed = torch.einsum("nmu,muv->nmv", x, w_in)
+        neighbours = mixed[edge_index[1]]  # (E, M, U)
+        hidden, last = self._radial_hidden(radial)
+        all_weights = torch.cat([self.linear_out.weight, self.self_interaction.weight])[self.mix_index] * self.mix_scale
+        outs: List[Tensor] = []
+        num_edges, rows_in = neighbours.shape[0], self.num_rows_in
+        for o in range(len(self.mix_plan) // 7):
+            first, count, h_row, dim, mul_out, offset, slot = self.mix_plan[7 * o : 7 * o + 7]
+            # the tensor-product paths into this output irrep, rows m-major: (E, dim, paths * U) is a view
+            coupled = (sh @ self.coupling[:, first * rows_in : (first + count * dim) * rows_in]).view(num_edges, count * dim, rows_in)
+            run = torch.bmm(coupled, neighbours).view(num_edges, dim, count * mul)
+            # their radial weights, the same for every m
+            columns = self.weight_columns[slot * mul : (slot + count) * mul]
+            run = run * (hidden @ (last[:, columns] * self.radial_scales[-1])).unsqueeze(1)
+            inputs = torch.zeros(n, dim, count * mul, dtype=run.dtype, device=run.device).index_add(0, edge_index[0], run)
+            if h_row >= 0:
+                own = x[:, h_row : h_row + dim].unsqueeze(-1) * species_onehot.unsqueeze(1).unsqueeze(1)
+                inputs = torch.cat([inputs, own.reshape(n, dim, mul * self.num_species)], dim=2)
+            rows = inputs.shape[2]
+            outs.append(inputs @ all_weights[offset : offset + rows * mul_out].view(rows, mul_out))
+        out = self._gate(outs, n)
+        if self.residual:
+            out = out + x
+        return out
+
+    def _radial_hidden(self, radial: Tensor) -> Tuple[Tensor, Tensor]:
+        """The radial MLP up to its last layer, and that layer's weight (each output irrep takes its columns)."""
+        x = radial
+        last_weight = radial
+        k = 0
+        last = len(self.radial_scales) - 1
+        for layer in self.radial:
+            if k < last:
+                x = F.silu(x @ (layer.weight * self.radial_scales[k]))
+            else:
+                last_weight = layer.weight
+            k += 1
+        return x, last_weight
+
+    def _gate(self, outs: List[Tensor], n: int) -> Tensor:
+        """e3nn's Gate on the blocked mixing outputs: activated scalars, gated irreps times sigmoid gates."""
+        l0 = outs[0].view(n, -1) if self.num_scalar_outputs == 1 else torch.cat(outs[: self.num_scalar_outputs], dim=2).view(n, -1)
+        pieces: List[Tensor] = []
+        start = 0
+        for act, cst, dim in zip(self.scalar_acts, self.scalar_csts, self.scalar_dims):
+            block = l0[:, start : start + dim]
+            pieces.append((F.silu(block) if act == 0 else torch.tanh(block)) * cst)
+            start += dim
+        scalars = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
+        blocks = [scalars.view(n, -1, self.mul)]
+        if self.num_gates > 0:
+            gates = torch.sigmoid(l0[:, start : start + self.num_gates]) * self.gate_cst
+            g = 0
+            for gated in outs[self.num_scalar_outputs :]:
+                width = gated.shape[2]
+                blocks.append(gated * gates[:, g : g + width].unsqueeze(1))
+                g += width
+        return torch.cat(blocks, dim=1)
+
+    def forward_e3nn(self, h: Tensor, species_onehot: Tensor, edge_index: Tensor, sh: Tensor, radial: Tensor) -> Tensor:
+        """The layer as e3nn's modules compute it, path by path, on flat e3nn features (the reference)."""
         weights = self.radial(radial)
         x = self.linear_in(h)
         messages = self.tp(x[edge_index[1]], sh, weights)
@@ -163,6 +302,13 @@ class EGNN(nn.Module):
         self.layers = nn.ModuleList(layers)
         self.irreps_out = irreps
         self.to_invariants = o3.Linear(irreps, o3.Irreps(f"{num_features}x0e"))
+        (ins,) = self.to_invariants.instructions  # the 0e channels are the only path to invariants
+        self.scalar_row = equivariant.block_rows(irreps)[ins.i_in]
+        self.invariants_scale = ins.path_weight
+        self.num_features = num_features
+        # True runs e3nn's modules path by path (flat layout): the reference the fused layers are tested
+        # against, and the path for irreps the fused layers do not handle (both parities)
+        self.use_e3nn = not all(layer.fusable for layer in layers)
         self.readout = nn.Sequential(nn.Linear(num_features, num_features // 2), nn.SiLU(), nn.Linear(num_features // 2, 1))
 
     def forward(self, graph: Dict[str, Tensor], species: Tensor) -> Tuple[Tensor, Tensor]:
@@ -170,9 +316,15 @@ class EGNN(nn.Module):
         vec, r = edge_vectors(graph[keys.POSITIONS], edge_index, graph[keys.SHIFT])
         sh = self.sh(vec)
         radial = self.basis(r) * self.envelope(r).unsqueeze(-1)
-        onehot = F.one_hot(species, self.num_species).to(vec.dtype)
+        onehot = (species.unsqueeze(-1) == torch.arange(self.num_species, device=species.device)).to(vec.dtype)
         h = self.embedding(onehot)
-        for layer in self.layers:
-            h = layer(h, onehot, edge_index, sh, radial)
-        features = self.to_invariants(h)
+        if self.use_e3nn:
+            for layer in self.layers:
+                h = layer.forward_e3nn(h, onehot, edge_index, sh, radial)
+            features = self.to_invariants(h)
+        else:
+            x = h.unsqueeze(1)  # blocked (N, M, U) layout, here 1 x 0e
+            for layer in self.layers:
+                x = layer(x, onehot, edge_index, sh, radial)
+            features = x[:, self.scalar_row] @ (self.to_invariants.weight.view(self.num_features, -1) * self.invariants_scale)
         return self.readout(features).squeeze(-1), features

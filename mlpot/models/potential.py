@@ -56,14 +56,14 @@ class Potential(nn.Module):
     def hparams(self) -> dict:
         return json.loads(self.hparams_json)
 
-    def _energy(self, graph: Dict[str, Tensor], pos: Tensor) -> Dict[str, Tensor]:
+    def _energy(self, graph: Dict[str, Tensor], pos: Tensor, check_species: bool = True) -> Dict[str, Tensor]:
         out: Dict[str, Tensor] = {}
         for key, value in graph.items():
             out[key] = value
         out[keys.POSITIONS] = pos
         numbers = graph[keys.ATOMIC_NUMBERS]
         species = self.species_index[numbers]
-        if bool((species < 0).any()):
+        if check_species and bool((species < 0).any()):
             raise ValueError("structure contains an element this model was not trained on")
         node_energy, features = self.model(out, species)
         node_energy = node_energy * self.energy_scale + self.energy_shift[species]

@@ -1,0 +1,161 @@
+"""Fused forms of e3nn operations, derived from the e3nn modules' own instructions.
+
+e3nn evaluates a tensor product or an equivariant linear map path by path: hundreds of small
+tensor operations per layer, which on a CPU and for a small molecule cost far more than the
+arithmetic. The functions here read an e3nn module's instructions, path weights and Wigner 3j
+symbols once and return index and coefficient tables, so that a layer runs as a handful of
+matrix products on the same parameters (state dicts stay interchangeable with e3nn's).
+
+Layouts: e3nn's flat layout stores ``mul x ir`` as (mul, 2l+1) row-major; the "blocked" layout
+used here is (N, M, U): the m components of every irrep stacked along M, channels along U
+(all irreps of a blocked tensor must have the same multiplicity U).
+"""
+
+from typing import List, Tuple
+
+import torch
+from e3nn import o3
+from torch import Tensor
+
+
+def uniform_multiplicity(irreps: o3.Irreps) -> int:
+    """The multiplicity shared by every irrep of ``irreps``, or 0 when they differ."""
+    muls = {mul for mul, _ in irreps}
+    return muls.pop() if len(muls) == 1 else 0
+
+
+def block_rows(irreps: o3.Irreps) -> List[int]:
+    """Start row of each irrep in the blocked layout, plus the total (len(irreps) + 1 entries)."""
+    rows = [0]
+    for _, ir in irreps:
+        rows.append(rows[-1] + ir.dim)
+    return rows
+
+
+def to_blocked(x: Tensor, dims: List[int], mul: int) -> Tensor:
+    """(N, sum mul*dim) e3nn layout -> (N, sum dim, mul) blocked layout."""
+    n = x.shape[0]
+    if len(dims) == 1:
+        return x.reshape(n, mul, dims[0]).transpose(1, 2)
+    parts = []
+    start = 0
+    for d in dims:
+        parts.append(x[:, start : start + mul * d].reshape(n, mul, d).transpose(1, 2))
+        start += mul * d
+    return torch.cat(parts, dim=1)
+
+
+def irrep_runs(irreps: o3.Irreps) -> List[Tuple[int, int, int]]:
+    """(first index, count, dim) of each run of consecutive equal irreps."""
+    runs: List[Tuple[int, int, int]] = []
+    for i, (_, ir) in enumerate(irreps):
+        if runs and irreps[runs[-1][0]].ir == ir:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1, ir.dim)
+        else:
+            runs.append((i, 1, ir.dim))
+    return runs
+
+
+def tensor_product_table(tp: o3.TensorProduct) -> Tuple[Tensor, Tensor, int]:
+    """For a ``uvu`` tensor product of (mul x irreps_in1) with (1 x irreps_in2) and per-edge weights.
+
+    Returns ``coupling`` (M2, K * M1): Wigner 3j symbols times path weights, such that
+    ``(y @ coupling).view(-1, K, M1) @ x_blocked`` is every path's output (before its weight),
+    stacked along K; ``weight_columns`` (P * U,): the columns of the flat per-edge weights in the
+    order of the output irreps (slots), so that a run's weights are one contiguous block; and K.
+    Rows follow ``tp.irreps_out``, except that within each run of equal irreps they go m-major
+    (m, then path): a run's rows then view as (N, 2l+1, paths * U) with no copy.
+    """
+    rows1, rows2, rows_out = block_rows(tp.irreps_in1), block_rows(tp.irreps_in2), block_rows(tp.irreps_out)
+    m1, m2, k = rows1[-1], rows2[-1], rows_out[-1]
+    coupling = torch.zeros(m1, m2, k, dtype=torch.float64)
+    path_of_row = torch.full((k,), -1, dtype=torch.long)
+    for p, ins in enumerate(tp.instructions):
+        if ins.connection_mode != "uvu" or tp.irreps_in2[ins.i_in2].mul != 1:
+            raise ValueError("only uvu tensor products with a multiplicity-1 second input can be fused")
+        l1, l2, l3 = (tp.irreps_in1[ins.i_in1].ir.l, tp.irreps_in2[ins.i_in2].ir.l, tp.irreps_out[ins.i_out].ir.l)
+        w3j = o3.wigner_3j(l1, l2, l3, dtype=torch.float64) * ins.path_weight
+        out = slice(rows_out[ins.i_out], rows_out[ins.i_out + 1])
+        if bool((path_of_row[out] >= 0).any()):
+            raise ValueError("fusing needs one tensor-product path per output irrep")
+        coupling[rows1[ins.i_in1] : rows1[ins.i_in1 + 1], rows2[ins.i_in2] : rows2[ins.i_in2 + 1], out] += w3j
+        path_of_row[out] = p
+    if bool((path_of_row < 0).any()):
+        raise ValueError("every output irrep of a fused tensor product needs a path")
+    order = []
+    for start, count, dim in irrep_runs(tp.irreps_out):
+        rows = torch.arange(rows_out[start], rows_out[start + count]).view(count, dim)
+        order.append(rows.t().reshape(-1))
+    order = torch.cat(order)
+    mul = tp.irreps_in1[0].mul
+    path_of_slot = [p for _, p in sorted((ins.i_out, p) for p, ins in enumerate(tp.instructions))]
+    weight_columns = torch.cat([p * mul + torch.arange(mul) for p in path_of_slot])
+    # (M1, M2, K) -> (M2, K, M1) so that y @ coupling gives rows ready for a batched matmul with x
+    return coupling[:, :, order].permute(1, 2, 0).reshape(m2, k * m1), weight_columns, k
+
+
+def linear_table(linear: o3.Linear) -> Tuple[Tensor, Tensor]:
+    """For an o3.Linear mapping blocked (N, M, U) features to the same irreps: the weight index
+    (M, U, U) and scale (M, 1, 1) of every row, so ``x @ (weight[index] * scale)`` row by row is it."""
+    irreps = linear.irreps_in
+    mul = uniform_multiplicity(irreps)
+    if linear.irreps_out != irreps or not mul or len(linear.instructions) != len(irreps):
+        raise ValueError("fusing needs a linear map between equal irreps of one multiplicity")
+    index, scale = [], []
+    for b, ins in enumerate(linear.instructions):
+        if ins.i_in != b or ins.i_out != b:
+            raise ValueError("fusing needs one linear path per irrep, in order")
+        block = b * mul * mul + torch.arange(mul * mul).view(1, mul, mul)
+        d = irreps[b].ir.dim
+        index.append(block.expand(d, mul, mul))
+        scale.append(torch.full((d, 1, 1), ins.path_weight, dtype=torch.float64))
+    return torch.cat(index), torch.cat(scale)
+
+
+def mixing_table(
+    linear: o3.Linear, self_interaction: o3.FullyConnectedTensorProduct, mul_in: int
+) -> Tuple[Tensor, Tensor, List[int]]:
+    """One matrix per output irrep for ``linear(summed) + self_interaction(h, one_hot(species))``.
+
+    For output irrep o the input is ``cat([summed rows of o's inputs, h rows of o's irrep (x) one_hot])``
+    along channels, and the weight matrix is ``weights[index[o]] * scale[o]`` where ``weights`` is
+    ``cat([linear.weight, self_interaction.weight])``. Returns (index, scale) flattened over all
+    outputs, and for each output: [first input row of summed, number of summed irreps, first row
+    of h (-1: no self-interaction), irrep dim, mul_out, offset into index, first summed irrep].
+    """
+    lin_offsets, offset = [], 0
+    for ins in linear.instructions:
+        lin_offsets.append(offset)
+        offset += ins.path_shape[0] * ins.path_shape[1]
+    si_offsets = []
+    for ins in self_interaction.instructions:
+        si_offsets.append(offset)
+        offset += ins.path_shape[0] * ins.path_shape[1] * ins.path_shape[2]
+    num_species = self_interaction.irreps_in2.num_irreps
+    runs = irrep_runs(linear.irreps_in)
+    rows_mid, rows_h = block_rows(linear.irreps_in), block_rows(self_interaction.irreps_in1)
+    index, scale, plan = [], [], []
+    for o, (mul_out, ir_out) in enumerate(linear.irreps_out):
+        lin = [(i, ins) for i, ins in enumerate(linear.instructions) if ins.i_out == o]
+        slots = [ins.i_in for _, ins in lin]
+        if not slots or (slots[0], len(slots), ir_out.dim) not in runs:
+            raise ValueError("fusing needs the inputs of each output irrep to be one run of equal irreps")
+        rows_idx, rows_scale = [], []
+        for i, ins in lin:
+            block = lin_offsets[i] + torch.arange(mul_in * mul_out).view(mul_in, mul_out)
+            rows_idx.append(block)
+            rows_scale.append(torch.full((mul_in, mul_out), ins.path_weight, dtype=torch.float64))
+        si = [(i, ins) for i, ins in enumerate(self_interaction.instructions) if ins.i_out == o]
+        h_row = -1
+        if si:
+            (i, ins), = si
+            w3j = o3.wigner_3j(ir_out.l, 0, ir_out.l, dtype=torch.float64)[0, 0, 0].item()
+            block = si_offsets[i] + torch.arange(mul_in * num_species * mul_out).view(mul_in * num_species, mul_out)
+            rows_idx.append(block)
+            rows_scale.append(torch.full(block.shape, ins.path_weight * w3j, dtype=torch.float64))
+            h_row = rows_h[ins.i_in1]
+        first = rows_mid[slots[0]]
+        plan.append([first, len(slots), h_row, ir_out.dim, mul_out, sum(int(t.numel()) for t in index), slots[0]])
+        index.append(torch.cat(rows_idx).reshape(-1))
+        scale.append(torch.cat(rows_scale).reshape(-1))
+    return torch.cat(index), torch.cat(scale), [v for row in plan for v in row]

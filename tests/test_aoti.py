@@ -1,0 +1,125 @@
+"""The AOTInductor deploy format: torch.export + AOTInductor with forces inside, loaded by the same calculator."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import ase.build
+import numpy as np
+import pytest
+import torch
+
+from mlpot import checkpoint, export, keys
+from mlpot.calculators import MLPotCalculator
+from mlpot.cli import deploy
+from mlpot.data import atoms_to_graph, collate
+
+from conftest import make_tiny_potential, perturbed_ethanol
+
+CUTOFF = 5.0
+
+TORCH_ONLY_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    for name in ("mlpot", "e3nn", "torch_geometric"):
+        sys.modules[name] = None
+    import torch
+    model_path, graph_path, out_path = sys.argv[1:]
+    runner = torch._inductor.aoti_load_package(model_path)
+    graph = torch.load(graph_path)
+    names = ("pos", "atomic_numbers", "edge_index", "shift", "batch", "num_atoms")
+    energy, forces, node_energy = runner(*(graph[k] for k in names))
+    torch.save({"energy": energy, "forces": forces}, out_path)
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def deployed(tmp_path_factory):
+    """A tiny float64 EGNN as a checkpoint, a TorchScript file and (through mlpot-deploy) an AOTI file."""
+    folder = tmp_path_factory.mktemp("aoti")
+    potential = make_tiny_potential("egnn", torch.float64, cutoff=CUTOFF)
+    checkpoint.save_potential(potential, folder / "model.ckpt")
+    export.save(potential, folder / "model.pt", dataset="tiny")
+    deploy([str(folder / "model.pt"), "-o", str(folder / "model.pt2"), "--format", "aoti"])
+    return potential, folder
+
+
+def structures():
+    """Molecules of different sizes: the compiled file has dynamic atom and edge counts."""
+    water = ase.build.molecule("H2O")
+    methanol = ase.build.molecule("CH3OH")
+    methanol.positions += np.random.default_rng(1).normal(0, 0.05, methanol.positions.shape)
+    return [perturbed_ethanol(seed=2), water, methanol]
+
+
+def test_metadata_records_the_format(deployed):
+    _, folder = deployed
+    meta = export.read_metadata(folder / "model.pt2")
+    assert meta["format"] == "aoti" and meta["kind"] == "egnn" and meta["dtype"] == "float64"
+    assert meta["dataset"] == "tiny"  # carried over from the TorchScript file it was deployed from
+
+
+def test_aoti_equals_eager_for_every_size_and_batch(deployed):
+    potential, folder = deployed
+    model, _ = export.load(folder / "model.pt2")
+    graphs = [atoms_to_graph(atoms, CUTOFF, torch.float64) for atoms in structures()]
+    for graph in graphs + [collate(graphs)]:
+        expected = potential(graph)
+        got = model(graph)
+        assert got[keys.ENERGY].shape == expected[keys.ENERGY].shape
+        torch.testing.assert_close(got[keys.ENERGY], expected[keys.ENERGY].detach(), rtol=1e-6, atol=1e-10)
+        torch.testing.assert_close(got[keys.FORCES], expected[keys.FORCES].detach(), rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(got[keys.NODE_ENERGY], expected[keys.NODE_ENERGY].detach(), rtol=1e-6, atol=1e-10)
+
+
+def test_aoti_loads_with_torch_only(deployed, tmp_path):
+    potential, folder = deployed
+    graph = atoms_to_graph(perturbed_ethanol(seed=4), CUTOFF, torch.float64)
+    torch.save(graph, tmp_path / "graph.pt")
+    subprocess.run(
+        [sys.executable, "-c", TORCH_ONLY_SCRIPT, str(folder / "model.pt2"), str(tmp_path / "graph.pt"), str(tmp_path / "out.pt")],
+        check=True,
+    )
+    out = torch.load(tmp_path / "out.pt")
+    expected = potential(graph)
+    torch.testing.assert_close(out["forces"], expected[keys.FORCES].detach(), rtol=1e-6, atol=1e-9)
+
+
+def test_calculator_runs_either_format_alike(deployed):
+    _, folder = deployed
+    for atoms in structures():
+        results = []
+        for name in ("model.pt", "model.pt2"):
+            atoms = atoms.copy()
+            atoms.calc = MLPotCalculator(folder / name)
+            results.append((atoms.get_potential_energy(), atoms.get_forces()))
+        assert abs(results[0][0] - results[1][0]) < 1e-9
+        np.testing.assert_allclose(results[0][1], results[1][1], atol=1e-9)
+
+
+def test_aoti_file_refuses_what_it_cannot_do(deployed):
+    _, folder = deployed
+    calc = MLPotCalculator(folder / "model.pt2")
+    atoms = perturbed_ethanol()
+    atoms.calc = calc
+    with pytest.raises(NotImplementedError, match="TorchScript"):
+        calc.get_hessian(atoms)
+    with pytest.raises(ValueError, match="compiled .AOTInductor. for float64"):
+        MLPotCalculator(folder / "model.pt2", dtype="float32")
+    with pytest.raises(ValueError, match="cannot be rebuilt"):
+        checkpoint.load_potential(folder / "model.pt2")
+
+
+def test_deployed_torchscript_rebuilds_the_eager_model(deployed):
+    potential, folder = deployed
+    rebuilt = checkpoint.load_potential(folder / "model.pt")
+    graph = atoms_to_graph(perturbed_ethanol(seed=6), CUTOFF, torch.float64)
+    torch.testing.assert_close(rebuilt(graph)[keys.FORCES], potential(graph)[keys.FORCES], rtol=0, atol=1e-12)
+
+
+def test_unknown_format_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="unknown deploy format"):
+        export.save(make_tiny_potential("egnn"), tmp_path / "x.pt", format="onnx")
+    assert not list(tmp_path.iterdir())

@@ -1,0 +1,106 @@
+"""The fused EGNN layers (mlpot.nn.equivariant) against e3nn's modules evaluated path by path."""
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from e3nn import o3
+
+from mlpot import keys
+from mlpot.data.graph import make_graph
+from mlpot.models import build_potential
+
+from conftest import perturbed_ethanol
+
+CASES = list(itertools.product([0, 1, 2, 3], [False, True]))
+
+
+def ethanol_graph(dtype=torch.float64):
+    atoms = perturbed_ethanol(seed=3)
+    return make_graph(atoms.numbers, atoms.positions, 4.0, dtype=dtype)
+
+
+def both_paths(potential, graph):
+    """(fused output, e3nn output) of the same weights on the same graph."""
+    potential.model.use_e3nn = False
+    fused = potential(graph)
+    potential.model.use_e3nn = True
+    reference = potential(graph)
+    return fused, reference
+
+
+@pytest.fixture
+def float64_default():
+    """e3nn keeps its Wigner 3j buffers in the default dtype at construction; float64 makes both paths exact."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
+@pytest.mark.parametrize("lmax,parity", CASES)
+def test_fused_layers_equal_e3nn(lmax, parity, float64_default):
+    torch.manual_seed(lmax)
+    potential = build_potential(
+        "egnn", [1, 6, 8], 4.0, torch.float64, num_features=6, lmax=lmax, num_layers=3, radial_hidden=12, parity=parity
+    ).eval()
+    fusable = all(layer.fusable for layer in potential.model.layers)
+    # one parity per l (the recipes) always fuses; both parities fuse only while e3nn's sorted gate order allows
+    assert fusable or parity
+    if not fusable:
+        assert potential.model.use_e3nn
+        return
+    graph = ethanol_graph()
+    fused, reference = both_paths(potential, graph)
+    for key in (keys.ENERGY, keys.FORCES, keys.NODE_FEATURES):
+        assert torch.allclose(fused[key], reference[key], rtol=1e-10, atol=1e-12), key
+
+
+def test_fused_tables_stay_exact_when_converted_to_float64():
+    """Built in float32 then converted: the fused tables come from float64 originals, not float32 roundings."""
+    potential = build_potential("egnn", [1, 6, 8], 4.0, torch.float32, num_features=4, lmax=2, num_layers=1, parity=False)
+    layer = potential.to(torch.float64).model.layers[0]
+    assert layer.coupling.dtype == torch.float64
+    assert torch.equal(layer.coupling, layer._tables64["coupling"])
+
+
+def test_fused_layers_train_like_e3nn(float64_default):
+    """Parameter gradients of a force loss agree, so training the fused model trains the same model."""
+    torch.manual_seed(0)
+    potential = build_potential("egnn", [1, 6, 8], 4.0, torch.float64, num_features=6, lmax=2, num_layers=2, parity=False)
+    potential.train()
+    graph = ethanol_graph()
+    grads = []
+    for use_e3nn in (False, True):
+        potential.model.use_e3nn = use_e3nn
+        potential.zero_grad()
+        out = potential(graph)
+        (out[keys.ENERGY].sum() + (out[keys.FORCES] ** 2).sum()).backward()
+        grads.append({n: p.grad.clone() for n, p in potential.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
+    for name in grads[0]:
+        assert torch.allclose(grads[0][name], grads[1][name], rtol=1e-9, atol=1e-12), name
+
+
+def test_layers_work_on_blocked_features():
+    """Layer outputs are (N, M, U): the m components of every irrep along M, channels along U."""
+    potential = build_potential("egnn", [1, 6, 8], 4.0, torch.float64, num_features=6, lmax=2, num_layers=2, parity=False)
+    seen = []
+    potential.model.layers[-1].register_forward_hook(lambda module, args, out: seen.append(out))
+    potential(ethanol_graph())
+    irreps = potential.model.layers[-1].irreps_out
+    assert seen[0].shape == (9, irreps.dim // 6, 6) == (9, 1 + 3 + 5, 6)
+
+
+def test_both_parities_fall_back_to_e3nn_and_stay_invariant():
+    torch.manual_seed(1)
+    potential = build_potential("egnn", [1, 6, 8], 4.0, torch.float64, num_features=4, lmax=2, num_layers=2, parity=True)
+    assert potential.model.use_e3nn
+    atoms = perturbed_ethanol(seed=5)
+    rotation = o3.rand_matrix(dtype=torch.float64).numpy()
+    energies = [
+        float(potential(make_graph(atoms.numbers, positions, 4.0, dtype=torch.float64))[keys.ENERGY])
+        for positions in (atoms.positions, atoms.positions @ rotation.T, -atoms.positions)
+    ]
+    assert np.ptp(energies) < 1e-10
