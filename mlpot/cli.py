@@ -28,13 +28,14 @@ def deploy(argv: Optional[Sequence[str]] = None) -> None:
     if args.dtype:
         potential = potential.to(getattr(torch, args.dtype))
     extra = {"dataset": args.dataset} if args.dataset else {}
-    try:  # a deployed source file: carry what its metadata recorded (dataset, metrics...)
+    try:  # a deployed source file: carry what its metadata recorded (dataset, metrics, periodic...)
         source = export.read_metadata(args.checkpoint)
     except ValueError:  # a checkpoint
         source = {}
-    for key in ("dataset", "metrics", "min_pair_distances", "periodic"):
-        if key in source:
-            extra.setdefault(key, source[key])
+    regenerated = export.metadata_of(potential).keys() - {"periodic"}
+    for key, value in source.items():
+        if key not in regenerated:
+            extra.setdefault(key, value)
     meta = export.save(potential, args.output, format=args.format, **extra)
     print(f"wrote {args.output}: {json.dumps({k: meta[k] for k in ('kind', 'species', 'cutoff', 'dtype', 'format')})}")
 
