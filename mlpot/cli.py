@@ -32,7 +32,7 @@ def deploy(argv: Optional[Sequence[str]] = None) -> None:
         source = export.read_metadata(args.checkpoint)
     except ValueError:  # a checkpoint
         source = {}
-    regenerated = export.metadata_of(potential).keys() - {"periodic"}
+    regenerated = (export.metadata_of(potential).keys() | {"format"}) - {"periodic"}
     for key, value in source.items():
         if key not in regenerated:
             extra.setdefault(key, value)

@@ -29,6 +29,8 @@ from mlpot import keys
 FORMAT_VERSION = 1
 METADATA_FILE = "mlpot.json"
 FORMATS = ("torchscript", "aoti")
+# kinds that compile with AOTInductor; PyG's GCN normalisation (gcn) has data-dependent shapes torch.export cannot keep
+AOTI_KINDS = ("egnn", "schnet")
 # inputs of the AOTInductor function, in order; its outputs are energy (B,), forces (N, 3), node energy (N,)
 AOTI_INPUTS = (keys.POSITIONS, keys.ATOMIC_NUMBERS, keys.EDGE_INDEX, keys.SHIFT, keys.BATCH, keys.NUM_ATOMS)
 _TORCHSCRIPT_DEPRECATION = r"`torch\.jit\.(script|save|load|trace|trace_method)` is deprecated"
@@ -83,6 +85,11 @@ def save(potential, path, format: str = "torchscript", **extra) -> dict:
     """
     if format not in FORMATS:
         raise ValueError(f"unknown deploy format {format!r}; choose one of {FORMATS}")
+    if format == "aoti" and potential.kind not in AOTI_KINDS:
+        raise ValueError(
+            f"the aoti format compiles {' and '.join(AOTI_KINDS)} models; a {potential.kind} model's message passing "
+            f"(PyG's GCN normalisation) has data-dependent shapes that torch.export cannot compile: use torchscript"
+        )
     path = Path(path)
     meta = metadata_of(potential, format=format, **extra)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -121,20 +128,47 @@ class _EnergyAndForces(torch.nn.Module):
         return out[keys.ENERGY], -grad, out[keys.NODE_ENERGY]
 
 
-def _example_inputs(potential) -> tuple:
-    """A small molecule of the model's own elements (5 atoms, 2 structures) to trace with."""
+def _example_graph(potential, sizes=(3, 2), seed: int = 0):
+    """Random molecules of the model's own elements, batched (atoms about 1 Å apart along a diagonal)."""
     from mlpot.data.graph import collate, make_graph
 
     dtype = potential.energy_scale.dtype
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(seed)
     species = potential.species
     graphs = []
-    for n in (3, 2):
-        numbers = [species[k % len(species)] for k in range(n)]
+    for n in sizes:
+        numbers = [species[(k + seed) % len(species)] for k in range(n)]
         positions = torch.rand(n, 3, generator=gen, dtype=torch.float64) * 1.5 + torch.arange(n).unsqueeze(1)
         graphs.append(make_graph(numbers, positions.numpy(), potential.cutoff, dtype=dtype))
-    graph = collate(graphs)
+    return collate(graphs)
+
+
+def _example_inputs(potential) -> tuple:
+    """A small batch (5 atoms, 2 structures) to trace with."""
+    graph = _example_graph(potential)
     return tuple(graph[k] for k in AOTI_INPUTS)
+
+
+def _verify_aoti(potential, path) -> None:
+    """Run the compiled file on structures it was not traced with and compare with the eager model:
+    a compiler that specialised a shape or miscompiled a kernel must not ship silent wrong numbers."""
+    runner = torch._inductor.aoti_load_package(str(path))
+    graph = _example_graph(potential, sizes=(9, 4, 6), seed=1)
+    expected = potential(dict(graph))
+    try:
+        energy, forces, _ = runner(*(graph[k] for k in AOTI_INPUTS))
+    except RuntimeError as err:
+        raise RuntimeError(f"the AOTInductor build of this {potential.kind} model fails on new structures ({err})") from None
+    scale = float(expected[keys.FORCES].abs().max()) + 1e-12
+    rtol = 1e-8 if expected[keys.FORCES].dtype == torch.float64 else 1e-3
+    force_error = float((forces - expected[keys.FORCES]).abs().max())
+    energy_error = float((energy - expected[keys.ENERGY]).abs().max())
+    if force_error > rtol * scale or energy_error > rtol * (float(expected[keys.ENERGY].abs().max()) + scale):
+        raise RuntimeError(
+            f"the AOTInductor build of this {potential.kind} model disagrees with the model itself on new "
+            f"structures (energy by {energy_error:.2e} eV, forces by {force_error:.2e} eV/Å): a compiler "
+            f"problem in torch {torch.__version__}; deploy it in the torchscript format instead"
+        )
 
 
 def _save_aoti(potential, path, meta: dict) -> None:
@@ -158,6 +192,7 @@ def _save_aoti(potential, path, meta: dict) -> None:
     inputs[0] = inputs[0].detach()
     exported = torch.export.export(traced, tuple(inputs), dynamic_shapes=dynamic, strict=False)
     torch._inductor.aoti_compile_and_package(exported, package_path=str(path))
+    _verify_aoti(function.potential, path)
     with _zipfile.ZipFile(path, "a") as archive:
         archive.writestr(f"{_aoti_root(archive)}/extra/{METADATA_FILE}", json.dumps(meta, ensure_ascii=False))
 
@@ -178,7 +213,11 @@ class AOTIModel:
         self.path = str(path)
 
     def __call__(self, graph):
-        energy, forces, node_energy = self.runner(*(graph[k] for k in AOTI_INPUTS))
+        pos = graph[keys.POSITIONS]
+        if pos.dtype != self.dtype:
+            raise ValueError(f"{self.path} is compiled for {self.dtype}; got positions in {pos.dtype}")
+        # compiled code reads raw memory: it needs dense tensors (a strided view would be misread)
+        energy, forces, node_energy = self.runner(*(graph[k].contiguous() for k in AOTI_INPUTS))
         return {keys.ENERGY: energy, keys.FORCES: forces, keys.NODE_ENERGY: node_energy}
 
     def hessian(self, graph):

@@ -119,7 +119,24 @@ def test_deployed_torchscript_rebuilds_the_eager_model(deployed):
     torch.testing.assert_close(rebuilt(graph)[keys.FORCES], potential(graph)[keys.FORCES], rtol=0, atol=1e-12)
 
 
-def test_unknown_format_is_refused(tmp_path):
+def test_strided_and_wrong_dtype_inputs(deployed):
+    """Compiled code reads raw memory: a strided view must still give the right numbers, a wrong dtype an error."""
+    potential, folder = deployed
+    model, _ = export.load(folder / "model.pt2")
+    atoms = perturbed_ethanol(seed=7)
+    table = np.concatenate([atoms.positions, np.ones((len(atoms), 1))], axis=1)
+    graph = atoms_to_graph(atoms, CUTOFF, torch.float64)
+    graph[keys.POSITIONS] = torch.from_numpy(table)[:, :3]  # every 4th number skipped: not contiguous
+    assert not graph[keys.POSITIONS].is_contiguous()
+    torch.testing.assert_close(model(graph)[keys.FORCES], potential(graph)[keys.FORCES].detach(), rtol=1e-6, atol=1e-9)
+    graph[keys.POSITIONS] = graph[keys.POSITIONS].float()
+    with pytest.raises(ValueError, match="compiled for torch.float64"):
+        model(graph)
+
+
+def test_unknown_format_and_unsupported_kind_are_refused(tmp_path):
     with pytest.raises(ValueError, match="unknown deploy format"):
         export.save(make_tiny_potential("egnn"), tmp_path / "x.pt", format="onnx")
+    with pytest.raises(ValueError, match="use torchscript"):
+        export.save(make_tiny_potential("gcn"), tmp_path / "x.pt2", format="aoti")
     assert not list(tmp_path.iterdir())

@@ -84,13 +84,16 @@ def test_fused_layers_train_like_e3nn(float64_default):
 
 
 def test_layers_work_on_blocked_features():
-    """Layer outputs are (N, M, U): the m components of every irrep along M, channels along U."""
+    """Layer outputs are (N, M, U): the m components of every irrep along M, channels along U; the last
+    layer computes only its scalars, the only features the energy reads."""
     potential = build_potential("egnn", [1, 6, 8], 4.0, torch.float64, num_features=6, lmax=2, num_layers=2, parity=False)
     seen = []
-    potential.model.layers[-1].register_forward_hook(lambda module, args, out: seen.append(out))
+    for layer in potential.model.layers:
+        layer.register_forward_hook(lambda module, args, out: seen.append(out))
     potential(ethanol_graph())
-    irreps = potential.model.layers[-1].irreps_out
+    irreps = potential.model.layers[0].irreps_out
     assert seen[0].shape == (9, irreps.dim // 6, 6) == (9, 1 + 3 + 5, 6)
+    assert seen[1].shape == (9, 1, 6)
 
 
 def test_both_parities_fall_back_to_e3nn_and_stay_invariant():

@@ -101,6 +101,8 @@ class Interaction(nn.Module):
 
     def _fused_defaults(self) -> None:
         """Placeholders, so that TorchScript compiles :meth:`forward` for layers it cannot fuse."""
+        # the last layer only needs its scalars (the energy reads nothing else): EGNN sets this there
+        self.scalars_only = False
         self.mul, self.num_rows_mid, self.num_rows_in, self.num_species = 0, 0, 0, 0
         self.num_scalar_outputs, self.num_gates, self.gate_cst = 0, 0, 1.0
         self.dims_in, self.mix_plan, self.scalar_acts, self.scalar_dims = [0], [0], [0], [0]
@@ -180,6 +182,8 @@ class Interaction(nn.Module):
         num_edges, rows_in = neighbours.shape[0], self.num_rows_in
         for o in range(len(self.mix_plan) // 7):
             first, count, h_row, dim, mul_out, offset, slot = self.mix_plan[7 * o : 7 * o + 7]
+            if self.scalars_only and dim > 1:
+                continue
             # the tensor-product paths into this output irrep, rows m-major: (E, dim, paths * U) is a view
             coupled = (sh @ self.coupling[:, first * rows_in : (first + count * dim) * rows_in]).view(num_edges, count * dim, rows_in)
             run = torch.bmm(coupled, neighbours).view(num_edges, dim, count * mul)
@@ -191,10 +195,16 @@ class Interaction(nn.Module):
                 own = x[:, h_row : h_row + dim].unsqueeze(-1) * species_onehot.unsqueeze(1).unsqueeze(1)
                 inputs = torch.cat([inputs, own.reshape(n, dim, mul * self.num_species)], dim=2)
             rows = inputs.shape[2]
-            outs.append(inputs @ all_weights[offset : offset + rows * mul_out].view(rows, mul_out))
-        out = self._gate(outs, n)
+            weight = all_weights[offset : offset + rows * mul_out].view(rows, mul_out)
+            if self.scalars_only and self.num_scalar_outputs == 1:
+                weight = weight[:, : self.scalar_dims[0] * len(self.scalar_dims)]  # no gates needed
+            outs.append(inputs @ weight)
+        if self.scalars_only:
+            out = self._activate_scalars(outs, n).view(n, -1, mul)
+        else:
+            out = self._gate(outs, n)
         if self.residual:
-            out = out + x
+            out = out + x[:, : out.shape[1]]
         return out
 
     def _radial_hidden(self, radial: Tensor) -> Tuple[Tensor, Tensor]:
@@ -211,8 +221,8 @@ class Interaction(nn.Module):
             k += 1
         return x, last_weight
 
-    def _gate(self, outs: List[Tensor], n: int) -> Tensor:
-        """e3nn's Gate on the blocked mixing outputs: activated scalars, gated irreps times sigmoid gates."""
+    def _activate_scalars(self, outs: List[Tensor], n: int) -> Tensor:
+        """The gate's scalar part: each scalar irrep through its activation, (N, number of scalars)."""
         l0 = outs[0].view(n, -1) if self.num_scalar_outputs == 1 else torch.cat(outs[: self.num_scalar_outputs], dim=2).view(n, -1)
         pieces: List[Tensor] = []
         start = 0
@@ -220,8 +230,13 @@ class Interaction(nn.Module):
             block = l0[:, start : start + dim]
             pieces.append((F.silu(block) if act == 0 else torch.tanh(block)) * cst)
             start += dim
-        scalars = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
-        blocks = [scalars.view(n, -1, self.mul)]
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
+
+    def _gate(self, outs: List[Tensor], n: int) -> Tensor:
+        """e3nn's Gate on the blocked mixing outputs: activated scalars, gated irreps times sigmoid gates."""
+        l0 = outs[0].view(n, -1) if self.num_scalar_outputs == 1 else torch.cat(outs[: self.num_scalar_outputs], dim=2).view(n, -1)
+        start = sum(self.scalar_dims)
+        blocks = [self._activate_scalars(outs, n).view(n, -1, self.mul)]
         if self.num_gates > 0:
             gates = torch.sigmoid(l0[:, start : start + self.num_gates]) * self.gate_cst
             g = 0
@@ -309,6 +324,7 @@ class EGNN(nn.Module):
         # True runs e3nn's modules path by path (flat layout): the reference the fused layers are tested
         # against, and the path for irreps the fused layers do not handle (both parities)
         self.use_e3nn = not all(layer.fusable for layer in layers)
+        layers[-1].scalars_only = True  # its l > 0 outputs would be computed for nothing
         self.readout = nn.Sequential(nn.Linear(num_features, num_features // 2), nn.SiLU(), nn.Linear(num_features // 2, 1))
 
     def forward(self, graph: Dict[str, Tensor], species: Tensor) -> Tuple[Tensor, Tensor]:

@@ -85,7 +85,11 @@ class GaussianBasis(nn.Module):
         self.gamma = 0.5 / float(centers[1] - centers[0]) ** 2
 
     def forward(self, r: Tensor) -> Tensor:
-        return torch.exp(-self.gamma * (r.unsqueeze(-1) - self.centers) ** 2)
+        exponent = -self.gamma * (r.unsqueeze(-1) - self.centers) ** 2
+        # values below e^-80 (~1e-35) are set to zero: in float32 they would be denormal numbers, which
+        # slow every later matrix product several-fold and change nothing at float32 or float64 precision
+        keep = exponent > -80.0
+        return torch.exp(exponent.clamp(min=-80.0)) * keep.to(exponent.dtype)
 
     def extra_repr(self) -> str:
         return f"cutoff={self.cutoff}, num_basis={self.num_basis}"
