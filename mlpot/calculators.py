@@ -95,12 +95,16 @@ class MLPotCalculator(Calculator):
                 device=self.device,
             )
             self._graph_positions = atoms.positions.copy()
+            self._edges_np = self._graph[keys.EDGE_INDEX].cpu().numpy()
+            self._shift_np = self._graph[keys.SHIFT].cpu().double().numpy()
         graph = dict(self._graph)
         graph[keys.POSITIONS] = torch.as_tensor(atoms.positions, dtype=self.dtype, device=self.device)
         return graph
 
     def _check_input(self, atoms) -> None:
-        check_structure(atoms.numbers, atoms.positions, self.species, self.min_distance)
+        # pair distances are checked over the neighbour list (_check_distances), unless the limit exceeds it
+        beyond_list = self.min_distance > self.cutoff
+        check_structure(atoms.numbers, atoms.positions, self.species, self.min_distance if beyond_list else 0.0)
         periodic = bool(atoms.pbc.any())
         if self.check_pbc and periodic != self.periodic_model:
             trained = "periodic cells" if self.periodic_model else "isolated molecules (no periodic cell)"
@@ -110,12 +114,22 @@ class MLPotCalculator(Calculator):
                 f"set atoms.pbc accordingly, or pass check_pbc=False to use it anyway"
             )
 
-    def _warn_close_contacts(self, atoms, graph) -> None:
+    def _check_distances(self, atoms, graph) -> None:
+        """One pass over the neighbour list: atoms closer than ``min_distance`` raise; closer than any
+        pair of the same elements in the training data warn (once)."""
+        edge_index = self._edges_np
+        if edge_index.shape[1] == 0:
+            return
+        vec = atoms.positions[edge_index[1]] - atoms.positions[edge_index[0]] + self._shift_np
+        dist = np.sqrt(np.einsum("ij,ij->i", vec, vec))
+        k = int(np.argmin(dist))
+        if dist[k] < self.min_distance:
+            i, j = sorted(edge_index[:, k].tolist())
+            raise ValueError(
+                f"atoms {i} and {j} are {dist[k]:.3f} Å apart, closer than {self.min_distance} Å: the structure is unphysical"
+            )
         if self._warned_close or not self._closest_seen:
             return
-        edge_index = graph[keys.EDGE_INDEX].cpu().numpy()
-        vec = atoms.positions[edge_index[1]] - atoms.positions[edge_index[0]] + graph[keys.SHIFT].cpu().double().numpy()
-        dist = np.linalg.norm(vec, axis=1)
         z = np.sort(atoms.numbers[edge_index], axis=0)
         for (a, b), closest in self._closest_seen.items():
             mask = (z[0] == a) & (z[1] == b)
@@ -136,7 +150,7 @@ class MLPotCalculator(Calculator):
         atoms = self.atoms
         self._check_input(atoms)
         graph = self._graph_of(atoms, system_changes)
-        self._warn_close_contacts(atoms, graph)
+        self._check_distances(atoms, graph)
         out = self.model(graph)
         energy = float(out[keys.ENERGY].detach().sum())
         self.results = {
@@ -151,6 +165,7 @@ class MLPotCalculator(Calculator):
         atoms = atoms if atoms is not None else self.atoms
         self._check_input(atoms)
         graph = self._graph_of(atoms, all_changes)
+        self._check_distances(atoms, graph)
         return self.model.hessian(graph).detach().cpu().double().numpy()
 
 

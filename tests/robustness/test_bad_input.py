@@ -283,8 +283,8 @@ CASES = [
          ValueError, r"noise\.ckpt is not a readable mlpot checkpoint", DEPLOYED),
     Case("deploy_foreign_dict", lambda c: deploy_to_output(c, torch_saved_dict(c)),
          ValueError, r"weights\.pt is not an mlpot checkpoint \(no 'potential' entry\)", DEPLOYED),
-    Case("deploy_a_deployed_model", lambda c: deploy_to_output(c, c.molecular),
-         ValueError, r"molecular\.pt is a TorchScript file \(a deployed model\?\), not a checkpoint", DEPLOYED),
+    Case("deploy_plain_torchscript", lambda c: deploy_to_output(c, plain_torchscript(c)),
+         ValueError, r"is a TorchScript file without mlpot metadata, not an mlpot checkpoint", DEPLOYED),
     Case("deploy_checkpoint_weights_wrong_shape", lambda c: deploy_to_output(c, damaged_checkpoint(c, shrink_weights)),
          ValueError, r"damaged\.ckpt is a damaged mlpot checkpoint: its model description does not rebuild "
                      r"\(RuntimeError: .*size mismatch", DEPLOYED),
