@@ -30,6 +30,8 @@ class MLPotCalculator(Calculator):
             (a molecular model given a periodic cell, or the reverse); default True.
         warn_close_contacts: warn once when two atoms come closer than any pair of the same
             elements in the training data (recorded in the deployed file); default True.
+        compile: run an AOTInductor build of a TorchScript file (about 3x faster on a CPU), compiled
+            on first use (a minute) and cached; see :func:`mlpot.export.compiled_copy`. Default False.
     """
 
     implemented_properties = ["energy", "free_energy", "energies", "forces"]
@@ -44,6 +46,7 @@ class MLPotCalculator(Calculator):
         min_distance: float = 0.5,
         check_pbc: bool = True,
         warn_close_contacts: bool = True,
+        compile: bool = False,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -51,6 +54,8 @@ class MLPotCalculator(Calculator):
             if dtype not in _DTYPES:
                 raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
             dtype = _DTYPES[dtype]
+        if compile:
+            model = export.compiled_copy(model, dtype)
         self.model, self.metadata = export.load(model, device=device, dtype=dtype)
         kind = self.metadata["kind"]
         if self.allowed_kinds is not None and kind not in self.allowed_kinds:

@@ -230,6 +230,33 @@ class AOTIModel:
         return self
 
 
+def compiled_copy(path, dtype: Optional[torch.dtype] = None, cache_dir=None) -> Path:
+    """An AOTInductor build of the deployed TorchScript file ``path`` (in ``dtype``, default the file's),
+    compiled on first use and cached (``$MLPOT_CACHE_DIR/aoti``, default ~/.cache/mlpot/aoti) under a
+    key of the file's contents, the dtype, torch's version and the CPU type. Returns its path."""
+    import hashlib
+    import platform
+
+    from mlpot.checkpoint import potential_from_deployed
+    from mlpot.data.datasets import default_cache_dir
+
+    path = Path(path)
+    meta = read_metadata(path)
+    if meta.get("format", "torchscript") == "aoti":
+        if dtype is not None and getattr(torch, meta["dtype"]) != dtype:
+            raise ValueError(f"{path} is compiled for {meta['dtype']}; compile its TorchScript file for {dtype}")
+        return path
+    dtype_name = str(dtype or getattr(torch, meta["dtype"])).replace("torch.", "")
+    digest = hashlib.sha256(path.read_bytes())
+    digest.update(f"{dtype_name} {torch.__version__} {platform.machine()} {platform.processor()}".encode())
+    target = default_cache_dir(cache_dir) / "aoti" / f"{path.stem}-{dtype_name}-{digest.hexdigest()[:16]}.pt2"
+    if not target.is_file():
+        potential = potential_from_deployed(path).to(getattr(torch, dtype_name))
+        keep = {k: v for k, v in meta.items() if k not in metadata_of(potential).keys() | {"format"} or k == "periodic"}
+        save(potential, target, format="aoti", **keep)
+    return target
+
+
 def read_metadata(path) -> dict:
     """Metadata of a deployed file, checked; raises ValueError for files that are not mlpot models."""
     path = Path(path)

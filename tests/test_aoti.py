@@ -99,6 +99,21 @@ def test_calculator_runs_either_format_alike(deployed):
         np.testing.assert_allclose(results[0][1], results[1][1], atol=1e-9)
 
 
+def test_calculator_compiles_a_torchscript_file_on_first_use(deployed, tmp_path, monkeypatch):
+    _, folder = deployed
+    monkeypatch.setenv("MLPOT_CACHE_DIR", str(tmp_path))
+    atoms = perturbed_ethanol(seed=8)
+    atoms.calc = MLPotCalculator(folder / "model.pt", compile=True)
+    (built,) = (tmp_path / "aoti").iterdir()
+    assert export.read_metadata(built)["format"] == "aoti" and atoms.calc.metadata["dataset"] == "tiny"
+    stamp = built.stat().st_mtime_ns
+    again = MLPotCalculator(folder / "model.pt", compile=True)  # cached: no second compile
+    assert built.stat().st_mtime_ns == stamp and again.metadata["format"] == "aoti"
+    reference = atoms.copy()
+    reference.calc = MLPotCalculator(folder / "model.pt")
+    np.testing.assert_allclose(atoms.get_forces(), reference.get_forces(), atol=1e-9)
+
+
 def test_aoti_file_refuses_what_it_cannot_do(deployed):
     _, folder = deployed
     calc = MLPotCalculator(folder / "model.pt2")

@@ -366,7 +366,7 @@ def test_failed_download_is_file_not_found(tmp_path):
     assert list((tmp_path / "c").iterdir()) == []
 
 
-def test_default_cache_dir_from_env(tmp_path, monkeypatch):
+def testdefault_cache_dir_from_env(tmp_path, monkeypatch):
     cache = tmp_path / "env-cache"
     cache.mkdir()
     z, r, e, f = fake_md17()

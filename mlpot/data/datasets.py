@@ -355,7 +355,7 @@ def _dataset_file(name: str, split: str | None, index: int) -> tuple[str, str | 
     raise ValueError(f"unknown dataset {name!r}; known names: {', '.join(known_datasets())}")
 
 
-def _default_cache_dir(cache_dir: str | os.PathLike | None) -> Path:
+def default_cache_dir(cache_dir: str | os.PathLike | None) -> Path:
     """Returns the cache folder: the argument, else $MLPOT_CACHE_DIR, else ~/.cache/mlpot."""
     if cache_dir is not None:
         return Path(cache_dir)
@@ -398,7 +398,7 @@ def dataset_path(
         matches = [p for p in matches if p.is_file()]
         if matches:
             return matches[0]
-    cache = _default_cache_dir(cache_dir)
+    cache = default_cache_dir(cache_dir)
     searched.append(str(cache))
     if (cache / file_name).is_file():
         return cache / file_name
