@@ -1,11 +1,13 @@
 """Calculator latency: median ms per energy+forces call for ethanol, toluene and aspirin, every model, f32 and f64.
 
-Usage: python benchmarks/latency.py [--calls 200] [--threads N] [--models gcn,schnet,egnn]
+Usage: python benchmarks/latency.py [--calls 200] [--threads N] [--models gcn,schnet,egnn] [--formats torchscript,aoti]
+(aoti applies to egnn and schnet; each aoti build takes a minute. benchmarks/peers/ compares with NequIP, MACE, SchNetPack.)
 Models are untrained but have the sizes of the training recipes (latency does not depend on weights).
 Geometries: the GFN2-xTB minima in $MLPOT_DATA_DIR/xtb (default ../shared/data).
 """
 
 import argparse
+import itertools
 import os
 import statistics
 import tempfile
@@ -56,26 +58,29 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=200)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--models", default="gcn,schnet,egnn")
+    parser.add_argument("--formats", default="torchscript", help="deploy formats, e.g. torchscript,aoti")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {args.calls} calls, median ms per energy+forces call")
-    print("| model | dtype | params | ethanol (9) | toluene (15) | aspirin (21) |")
-    print("|---|---|---|---|---|---|")
+    print("| model | format | dtype | params | ethanol (9) | toluene (15) | aspirin (21) |")
+    print("|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for kind in args.models.split(","):
             hparams, cutoff = recipe_hparams(kind)
-            for dtype in ("float32", "float64"):
+            for fmt, dtype in itertools.product(args.formats.split(","), ("float32", "float64")):
+                if fmt == "aoti" and kind not in export.AOTI_KINDS:
+                    continue
                 torch.manual_seed(0)
                 pot = build_potential(kind, [1, 6, 8], cutoff, dtype=getattr(torch, dtype), **hparams)
-                path = Path(tmp) / f"{kind}-{dtype}.pt"
-                export.save(pot, path)
+                path = Path(tmp) / f"{kind}-{dtype}.{'pt2' if fmt == 'aoti' else 'pt'}"
+                export.save(pot, path, format=fmt)
                 row = []
                 for name in ("ethanol", "toluene", "aspirin"):
                     atoms = molecule(name)
                     atoms.calc = MLPotCalculator(path)
                     row.append(f"{time_calls(atoms.calc, atoms, args.calls):.2f}")
                 params = sum(p.numel() for p in pot.parameters())
-                print(f"| {kind} | {dtype} | {params} | " + " | ".join(row) + " |", flush=True)
+                print(f"| {kind} | {fmt} | {dtype} | {params} | " + " | ".join(row) + " |", flush=True)
 
 
 if __name__ == "__main__":
