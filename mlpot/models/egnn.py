@@ -35,6 +35,11 @@ class Interaction(nn.Module):
     weights R come from an MLP of the radial basis (times the smooth cutoff envelope);
     ``h_i <- Gate(Linear(m_i) + SelfInteraction(h_i, Z_i))`` (+ h_i when the irreps match).
 
+    The parameters live in e3nn modules (``linear_in``, ``tp``, ``radial``, ``linear_out``,
+    ``self_interaction``, ``gate``) and :meth:`forward_e3nn` evaluates them path by path; :meth:`forward`
+    computes the same numbers as a few matrix products on blocked (N, M, U) features (see
+    :mod:`mlpot.nn.equivariant`), which is what runs whenever the irreps allow it (one parity per l).
+
     Args:
         irreps_in: irreps of the incoming node features.
         irreps_sh: irreps of the edge spherical harmonics.
@@ -103,7 +108,7 @@ class Interaction(nn.Module):
         """Placeholders, so that TorchScript compiles :meth:`forward` for layers it cannot fuse."""
         # the last layer only needs its scalars (the energy reads nothing else): EGNN sets this there
         self.scalars_only = False
-        self.mul, self.num_rows_mid, self.num_rows_in, self.num_species = 0, 0, 0, 0
+        self.mul, self.num_rows_in, self.num_species = 0, 0, 0
         self.num_scalar_outputs, self.num_gates, self.gate_cst = 0, 0, 1.0
         self.dims_in, self.mix_plan, self.scalar_acts, self.scalar_dims = [0], [0], [0], [0]
         self.radial_scales, self.scalar_csts = [1.0], [1.0]
@@ -119,9 +124,8 @@ class Interaction(nn.Module):
         self.mul = mul
         self.dims_in: List[int] = [ir.dim for _, ir in self.irreps_in]
         lin_index, lin_scale = equivariant.linear_table(self.linear_in)
-        coupling, weight_columns, k = equivariant.tensor_product_table(self.tp)
+        coupling, weight_columns, _ = equivariant.tensor_product_table(self.tp)
         mix_index, mix_scale, plan = equivariant.mixing_table(self.linear_out, self.self_interaction, mul)
-        self.num_rows_mid = k
         self.num_rows_in = sum(self.dims_in)
         self.num_species = self.self_interaction.irreps_in2.num_irreps
         self.mix_plan: List[int] = plan
