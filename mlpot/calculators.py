@@ -79,6 +79,23 @@ class MLPotCalculator(Calculator):
         self._graph = None
         self._graph_positions = None
 
+    def check_state(self, atoms, tol=1e-15):
+        """What changed since the last calculation, among what the model reads (numbers, positions, cell,
+        pbc), by exact comparison: ASE's tolerance-based default costs more than a small model's call."""
+        old = self.atoms
+        if old is None:
+            return list(all_changes)
+        if len(old) != len(atoms) or not np.array_equal(old.numbers, atoms.numbers):
+            return list(all_changes)
+        changes = []
+        if not np.array_equal(old.positions, atoms.positions):
+            changes.append("positions")
+        if not np.array_equal(old.cell.array, atoms.cell.array):
+            changes.append("cell")
+        if not np.array_equal(old.pbc, atoms.pbc):
+            changes.append("pbc")
+        return changes
+
     def _needs_new_graph(self, atoms, system_changes) -> bool:
         if self._graph is None or self.skin <= 0:
             return True
@@ -153,7 +170,10 @@ class MLPotCalculator(Calculator):
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
         super().calculate(atoms, properties, system_changes)
         atoms = self.atoms
-        self._check_input(atoms)
+        if self._graph is None or {"numbers", "cell", "pbc"} & set(system_changes):
+            self._check_input(atoms)  # elements, periodicity, shapes
+        else:  # only positions moved: only they need checking
+            check_structure(atoms.numbers, atoms.positions, None, 0.0)
         graph = self._graph_of(atoms, system_changes)
         self._check_distances(atoms, graph)
         out = self.model(graph)
