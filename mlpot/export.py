@@ -32,7 +32,9 @@ FORMATS = ("torchscript", "aoti")
 # kinds that compile with AOTInductor; PyG's GCN normalisation (gcn) has data-dependent shapes torch.export cannot keep
 AOTI_KINDS = ("egnn", "schnet")
 # inputs of the AOTInductor function, in order; its outputs are energy (B,), forces (N, 3), node energy (N,)
-AOTI_INPUTS = (keys.POSITIONS, keys.ATOMIC_NUMBERS, keys.EDGE_INDEX, keys.SHIFT, keys.BATCH, keys.NUM_ATOMS)
+AOTI_INPUTS = (
+    keys.POSITIONS, keys.ATOMIC_NUMBERS, keys.EDGE_INDEX, keys.SHIFT, keys.BATCH, keys.NUM_ATOMS, keys.PAIR_EDGE, keys.EDGE_PAIR,
+)
 _TORCHSCRIPT_DEPRECATION = r"`torch\.jit\.(script|save|load|trace|trace_method)` is deprecated"
 
 
@@ -117,10 +119,11 @@ class _EnergyAndForces(torch.nn.Module):
         super().__init__()
         self.potential = potential
 
-    def forward(self, pos, atomic_numbers, edge_index, shift, batch, num_atoms):
+    def forward(self, pos, atomic_numbers, edge_index, shift, batch, num_atoms, pair_edge, edge_pair):
         graph = {
             keys.POSITIONS: pos, keys.ATOMIC_NUMBERS: atomic_numbers, keys.EDGE_INDEX: edge_index,
-            keys.SHIFT: shift, keys.BATCH: batch, keys.NUM_ATOMS: num_atoms,
+            keys.SHIFT: shift, keys.BATCH: batch, keys.NUM_ATOMS: num_atoms, keys.PAIR_EDGE: pair_edge,
+            keys.EDGE_PAIR: edge_pair,
         }
         # the species check is data-dependent control flow, which tracing cannot keep: the loader checks
         out = self.potential._energy(graph, pos, check_species=False)
@@ -186,9 +189,8 @@ def _save_aoti(potential, path, meta: dict) -> None:
     inputs[0] = inputs[0].clone().requires_grad_(True)
     traced = make_fx(function, tracing_mode="symbolic", _allow_non_fake_inputs=True)(*inputs)
     atoms, edges, structures = Dim("atoms", min=1), Dim("edges", min=0), Dim("structures", min=1)
-    dynamic = (
-        {0: atoms}, {0: atoms}, {1: edges}, {0: edges}, {0: atoms}, {0: structures},
-    )
+    pairs = Dim("pairs", min=0)
+    dynamic = ({0: atoms}, {0: atoms}, {1: edges}, {0: edges}, {0: atoms}, {0: structures}, {0: pairs}, {0: edges})
     inputs[0] = inputs[0].detach()
     exported = torch.export.export(traced, tuple(inputs), dynamic_shapes=dynamic, strict=False)
     torch._inductor.aoti_compile_and_package(exported, package_path=str(path))
@@ -213,6 +215,11 @@ class AOTIModel:
         self.path = str(path)
 
     def __call__(self, graph):
+        if keys.PAIR_EDGE not in graph:  # graphs from make_graph and collate have them; others get them here
+            from mlpot.data.neighbors import edge_pairs
+
+            pair_edge, edge_pair = edge_pairs(graph[keys.EDGE_INDEX].cpu().numpy(), graph[keys.SHIFT].detach().cpu().numpy())
+            graph = {**graph, keys.PAIR_EDGE: torch.from_numpy(pair_edge), keys.EDGE_PAIR: torch.from_numpy(edge_pair)}
         pos = graph[keys.POSITIONS]
         if pos.dtype != self.dtype:
             raise ValueError(f"{self.path} is compiled for {self.dtype}; got positions in {pos.dtype}")

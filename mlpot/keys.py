@@ -19,6 +19,11 @@ SHIFT: Final[str] = "shift"
 BATCH: Final[str] = "batch"
 # (B,) int64 | number of atoms in each structure
 NUM_ATOMS: Final[str] = "num_atoms"
+# (P,) int64 | one edge of every unordered pair {i->j, j->i} (optional): functions of |r_ij| alone are
+# computed once per pair; make_graph and collate fill it
+PAIR_EDGE: Final[str] = "pair_edge"
+# (E,) int64 | the pair of each edge, an index into PAIR_EDGE (optional, with PAIR_EDGE)
+EDGE_PAIR: Final[str] = "edge_pair"
 # (B, 3, 3) float | Å | cell vectors as rows; zeros for molecules
 CELL: Final[str] = "cell"
 # (B, 3) bool | periodic directions

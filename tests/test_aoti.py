@@ -28,7 +28,7 @@ TORCH_ONLY_SCRIPT = textwrap.dedent(
     model_path, graph_path, out_path = sys.argv[1:]
     runner = torch._inductor.aoti_load_package(model_path)
     graph = torch.load(graph_path)
-    names = ("pos", "atomic_numbers", "edge_index", "shift", "batch", "num_atoms")
+    names = ("pos", "atomic_numbers", "edge_index", "shift", "batch", "num_atoms", "pair_edge", "edge_pair")
     energy, forces, node_energy = runner(*(graph[k] for k in names))
     torch.save({"energy": energy, "forces": forces}, out_path)
     """

@@ -107,3 +107,15 @@ def test_both_parities_fall_back_to_e3nn_and_stay_invariant():
         for positions in (atoms.positions, atoms.positions @ rotation.T, -atoms.positions)
     ]
     assert np.ptp(energies) < 1e-10
+
+
+def test_radial_once_per_pair_changes_no_number(float64_default):
+    """With the pair keys the radial MLP runs once per pair i->j, j->i; without them once per edge."""
+    torch.manual_seed(4)
+    potential = build_potential("egnn", [1, 6, 8], 4.0, torch.float64, num_features=6, lmax=2, num_layers=3, parity=False).eval()
+    graph = ethanol_graph()
+    assert keys.PAIR_EDGE in graph
+    per_pair = potential(graph)
+    per_edge = potential({k: v for k, v in graph.items() if k not in (keys.PAIR_EDGE, keys.EDGE_PAIR)})
+    for key in (keys.ENERGY, keys.FORCES):
+        torch.testing.assert_close(per_pair[key], per_edge[key], rtol=1e-12, atol=1e-13)

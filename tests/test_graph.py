@@ -9,6 +9,7 @@ from ase.neighborlist import neighbor_list as ase_neighbor_list
 
 from mlpot import keys
 from mlpot.data import atoms_to_graph, collate, make_graph, neighbor_list
+from mlpot.data.neighbors import edge_pairs
 from mlpot.nn.radial import edge_vectors
 
 
@@ -40,6 +41,8 @@ def test_graph_keys_shapes_dtypes(ethanol, dtype):
         keys.NUM_ATOMS: ((1,), torch.int64),
         keys.CELL: ((1, 3, 3), dtype),
         keys.PBC: ((1, 3), torch.bool),
+        keys.PAIR_EDGE: ((num_edges // 2,), torch.int64),
+        keys.EDGE_PAIR: ((num_edges,), torch.int64),
     }
     assert set(graph) == set(expected)
     for key, (shape, key_dtype) in expected.items():
@@ -170,3 +173,28 @@ def test_make_graph_dtype_and_device(ethanol):
     graph = make_graph(ethanol.numbers, ethanol.positions, 3.0, dtype=torch.float32, device="cpu")
     assert graph[keys.POSITIONS].dtype == torch.float32
     assert all(t.device.type == "cpu" for t in graph.values())
+
+
+def test_edge_pairs_join_each_edge_with_its_reverse():
+    """Radial functions are computed once per pair: both edges of a pair must have the same length."""
+    rng = np.random.default_rng(3)
+    positions = rng.uniform(0, 3, (7, 3))
+    for cell, pbc in ((None, None), (np.diag([3.0, 3.5, 6.0]), np.array([True, True, False]))):
+        edge_index, shift = neighbor_list(positions, 4.0, cell, pbc)
+        pair_edge, edge_pair = edge_pairs(edge_index, shift)
+        assert 2 * len(pair_edge) == edge_index.shape[1] and np.bincount(edge_pair).tolist() == [2] * len(pair_edge)
+        length = np.linalg.norm(positions[edge_index[1]] - positions[edge_index[0]] + shift, axis=1)
+        np.testing.assert_allclose(length, length[pair_edge[edge_pair]], atol=1e-12)
+        if cell is not None:
+            assert (edge_index[0] == edge_index[1]).any()  # images of an atom pair up too
+    with pytest.raises(ValueError, match="not symmetric"):
+        edge_pairs(np.array([[0, 1, 0], [1, 0, 2]]), np.zeros((3, 3)))
+
+
+def test_collate_offsets_pairs():
+    graphs = [atoms_to_graph(ase.build.molecule(name), 4.0) for name in ("H2O", "CH3OH", "CH4")]
+    batch = collate(graphs)
+    assert batch[keys.EDGE_PAIR].max() + 1 == batch[keys.PAIR_EDGE].shape[0]
+    vec = batch[keys.POSITIONS][batch[keys.EDGE_INDEX][1]] - batch[keys.POSITIONS][batch[keys.EDGE_INDEX][0]]
+    length = vec.norm(dim=1)
+    torch.testing.assert_close(length, length[batch[keys.PAIR_EDGE][batch[keys.EDGE_PAIR]]])

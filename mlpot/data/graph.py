@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from mlpot import keys
-from mlpot.data.neighbors import neighbor_list
+from mlpot.data.neighbors import edge_pairs, neighbor_list
 
 Graph = Dict[str, Tensor]
 
@@ -64,6 +64,7 @@ def make_graph(
     """Graph of one structure: positions in Å, neighbours within ``cutoff`` Å."""
     positions = np.asarray(positions, dtype=np.float64)
     edge_index, shift = neighbor_list(positions, cutoff, cell, pbc)
+    pair_edge, edge_pair = edge_pairs(edge_index, shift)
     n = len(numbers)
     cell_t = np.zeros((3, 3)) if cell is None else np.asarray(cell, dtype=np.float64)
     pbc_t = np.zeros(3, dtype=bool) if pbc is None else np.asarray(pbc, dtype=bool)
@@ -76,6 +77,8 @@ def make_graph(
         keys.ATOMIC_NUMBERS: torch.as_tensor(np.asarray(numbers, dtype=np.int64), device=device),
         keys.EDGE_INDEX: torch.as_tensor(edge_index, device=device),
         keys.SHIFT: floats(shift),
+        keys.PAIR_EDGE: torch.as_tensor(pair_edge, device=device),
+        keys.EDGE_PAIR: torch.as_tensor(edge_pair, device=device),
         keys.BATCH: torch.zeros(n, dtype=torch.long, device=device),
         keys.NUM_ATOMS: torch.tensor([n], dtype=torch.long, device=device),
         keys.CELL: floats(cell_t[None]),
@@ -111,5 +114,11 @@ def collate(graphs: List[Graph]) -> Graph:
         if key in graphs[0]:
             out[key] = torch.cat([g[key] for g in graphs])
     out[keys.EDGE_INDEX] = torch.cat([g[keys.EDGE_INDEX] + off for g, off in zip(graphs, offsets)], dim=1)
+    if all(keys.PAIR_EDGE in g for g in graphs):
+        edges = torch.tensor([g[keys.EDGE_INDEX].shape[1] for g in graphs])
+        pairs = torch.tensor([g[keys.PAIR_EDGE].shape[0] for g in graphs])
+        edge_offsets, pair_offsets = torch.cumsum(edges, 0) - edges, torch.cumsum(pairs, 0) - pairs
+        out[keys.PAIR_EDGE] = torch.cat([g[keys.PAIR_EDGE] + off for g, off in zip(graphs, edge_offsets.tolist())])
+        out[keys.EDGE_PAIR] = torch.cat([g[keys.EDGE_PAIR] + off for g, off in zip(graphs, pair_offsets.tolist())])
     out[keys.BATCH] = torch.repeat_interleave(torch.arange(len(graphs), device=counts.device), counts)
     return out

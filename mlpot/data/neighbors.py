@@ -50,3 +50,26 @@ def neighbor_list(
     )
     edge_index = np.stack([i, j]).astype(np.int64)
     return edge_index, cell_shift.astype(np.float64) @ cell
+
+
+def edge_pairs(edge_index: np.ndarray, shift: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Pair up each edge i->j (shift S) with its reverse j->i (shift -S): both have the same length.
+
+    Returns ``pair_edge`` (P,), one edge of each pair, and ``edge_pair`` (E,), the pair of each edge.
+    Raises ValueError when an edge has no reverse (every neighbour list of a cutoff has one).
+    """
+    i, j = edge_index
+    s = np.round(np.asarray(shift, dtype=np.float64) * 1e6).astype(np.int64)  # images differ by whole cells
+    # canonical orientation: i < j; for an image of the same atom, the shift whose first non-zero component is positive
+    flip = i > j
+    same = np.nonzero(i == j)[0]
+    if len(same):
+        first = np.argmax(s[same] != 0, axis=1)
+        flip[same] = s[same, first] < 0
+    lo, hi = np.where(flip, j, i), np.where(flip, i, j)
+    canon = np.where(flip[:, None], -s, s)
+    keys = np.concatenate([lo[:, None], hi[:, None], canon], axis=1)
+    _, pair_edge, edge_pair, counts = np.unique(keys, axis=0, return_index=True, return_inverse=True, return_counts=True)
+    if edge_index.shape[1] and not (counts == 2).all():
+        raise ValueError("the neighbour list is not symmetric: some edge i->j has no j->i")
+    return pair_edge.astype(np.int64), edge_pair.reshape(-1).astype(np.int64)

@@ -1,7 +1,7 @@
 """NequIP-style E(3)-equivariant interatomic potential built on e3nn (Batzner et al., Nat. Commun. 13, 2453, 2022)."""
 
 import math
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -169,12 +169,16 @@ class Interaction(nn.Module):
             setattr(self, name, table.to(device=current.device, dtype=current.dtype))
         return self
 
-    def forward(self, x: Tensor, species_onehot: Tensor, edge_index: Tensor, sh: Tensor, radial: Tensor) -> Tensor:
+    def forward(
+        self, x: Tensor, species_onehot: Tensor, edge_index: Tensor, sh: Tensor, radial: Tensor, edge_pair: Optional[Tensor] = None
+    ) -> Tensor:
         """Blocked node features (N, M_in, U) -> (N, M_out, U); see :mod:`mlpot.nn.equivariant`.
 
         The same numbers as :meth:`forward_e3nn` (e3nn's modules path by path, flat layout), as a few
         matrix products: the tensor product as one batched product with precomputed Wigner 3j
         couplings, the output linear map and the self-interaction as one product per output irrep.
+        With ``edge_pair``, ``radial`` holds one row per pair of edges i->j, j->i (same length): the
+        radial MLP runs once per pair and its weights are gathered to the edges.
         """
         n, mul = x.shape[0], self.mul
         w_in = self.linear_in.weight[self.lin_index] * self.lin_scale  # (M, U, U)
@@ -193,7 +197,10 @@ class Interaction(nn.Module):
             run = torch.bmm(coupled, neighbours).view(num_edges, dim, count * mul)
             # their radial weights, the same for every m
             columns = self.weight_columns[slot * mul : (slot + count) * mul]
-            run = run * (hidden @ (last[:, columns] * self.radial_scales[-1])).unsqueeze(1)
+            weights = hidden @ (last[:, columns] * self.radial_scales[-1])
+            if edge_pair is not None:
+                weights = weights.index_select(0, edge_pair)
+            run = run * weights.unsqueeze(1)
             inputs = torch.zeros(n, dim, count * mul, dtype=run.dtype, device=run.device).index_add(0, edge_index[0], run)
             if h_row >= 0:
                 own = x[:, h_row : h_row + dim].unsqueeze(-1) * species_onehot.unsqueeze(1).unsqueeze(1)
@@ -335,16 +342,22 @@ class EGNN(nn.Module):
         edge_index = graph[keys.EDGE_INDEX]
         vec, r = edge_vectors(graph[keys.POSITIONS], edge_index, graph[keys.SHIFT])
         sh = self.sh(vec)
+        edge_pair: Optional[Tensor] = None
+        if keys.PAIR_EDGE in graph and keys.EDGE_PAIR in graph:  # radial functions once per pair i->j, j->i
+            r = r.index_select(0, graph[keys.PAIR_EDGE])
+            edge_pair = graph[keys.EDGE_PAIR]
         radial = self.basis(r) * self.envelope(r).unsqueeze(-1)
         onehot = (species.unsqueeze(-1) == torch.arange(self.num_species, device=species.device)).to(vec.dtype)
         h = self.embedding(onehot)
         if self.use_e3nn:
+            if edge_pair is not None:
+                radial = radial.index_select(0, edge_pair)
             for layer in self.layers:
                 h = layer.forward_e3nn(h, onehot, edge_index, sh, radial)
             features = self.to_invariants(h)
         else:
             x = h.unsqueeze(1)  # blocked (N, M, U) layout, here 1 x 0e
             for layer in self.layers:
-                x = layer(x, onehot, edge_index, sh, radial)
+                x = layer(x, onehot, edge_index, sh, radial, edge_pair)
             features = x[:, self.scalar_row] @ (self.to_invariants.weight.view(self.num_features, -1) * self.invariants_scale)
         return self.readout(features).squeeze(-1), features
