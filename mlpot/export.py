@@ -54,9 +54,18 @@ def compile_potential(potential: torch.nn.Module) -> torch.jit.ScriptModule:
     """
     from e3nn.util.jit import compile as e3nn_compile
 
-    potential = copy.deepcopy(potential).eval()
+    potential = _frozen_copy(potential)
     with _quiet_torchscript():
         return torch.jit.script(e3nn_compile(potential))
+
+
+def _frozen_copy(potential):
+    """A copy in eval mode with the model's derived weight tables precomputed (when it has any)."""
+    potential = copy.deepcopy(potential).eval()
+    freeze = getattr(potential.model, "freeze", None)
+    if freeze is not None:
+        freeze()
+    return potential
 
 
 def metadata_of(potential, **extra) -> dict:
@@ -182,7 +191,7 @@ def _save_aoti(potential, path, meta: dict) -> None:
     from torch.export import Dim
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    function = _EnergyAndForces(copy.deepcopy(potential).eval())
+    function = _EnergyAndForces(_frozen_copy(potential))
     for param in function.parameters():
         param.requires_grad_(False)
     inputs = list(_example_inputs(potential))

@@ -119,3 +119,18 @@ def test_radial_once_per_pair_changes_no_number(float64_default):
     per_edge = potential({k: v for k, v in graph.items() if k not in (keys.PAIR_EDGE, keys.EDGE_PAIR)})
     for key in (keys.ENERGY, keys.FORCES):
         torch.testing.assert_close(per_pair[key], per_edge[key], rtol=1e-12, atol=1e-13)
+
+
+def test_freeze_precomputes_and_train_undoes_it():
+    torch.manual_seed(5)
+    potential = build_potential("egnn", [1, 6, 8], 4.0, torch.float64, num_features=6, lmax=2, num_layers=2, parity=False).eval()
+    graph = ethanol_graph()
+    before = potential(graph)[keys.FORCES]
+    potential.model.freeze()
+    assert all(layer.frozen for layer in potential.model.layers)
+    torch.testing.assert_close(potential(graph)[keys.FORCES], before, rtol=0, atol=1e-14)
+    potential.train()
+    assert not any(layer.frozen for layer in potential.model.layers)
+    with torch.no_grad():
+        potential.model.layers[0].linear_out.weight.mul_(1.5)  # a training step: must be seen, not a stale copy
+    assert not torch.allclose(potential(graph)[keys.FORCES], before)

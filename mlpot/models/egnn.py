@@ -114,8 +114,9 @@ class Interaction(nn.Module):
         self.radial_scales, self.scalar_csts = [1.0], [1.0]
         for name in ("lin_index", "weight_columns", "mix_index"):
             self.register_buffer(name, torch.zeros(0, dtype=torch.long), persistent=False)
-        for name in ("lin_scale", "coupling", "mix_scale"):
+        for name in ("lin_scale", "coupling", "mix_scale", "frozen_w_in", "frozen_mix", "frozen_last"):
             self.register_buffer(name, torch.zeros(0), persistent=False)
+        self.frozen = False
 
     def _build_fused_tables(self) -> None:
         """Index and coefficient tables for :meth:`forward` (kept out of the state dict)."""
@@ -181,11 +182,10 @@ class Interaction(nn.Module):
         radial MLP runs once per pair and its weights are gathered to the edges.
         """
         n, mul = x.shape[0], self.mul
-        w_in = self.linear_in.weight[self.lin_index] * self.lin_scale  # (M, U, U)
+        w_in, all_weights, last = self._weight_tables()
         mixed = torch.einsum("nmu,muv->nmv", x, w_in)
         neighbours = mixed[edge_index[1]]  # (E, M, U)
-        hidden, last = self._radial_hidden(radial)
-        all_weights = torch.cat([self.linear_out.weight, self.self_interaction.weight])[self.mix_index] * self.mix_scale
+        hidden = self._radial_hidden(radial)
         outs: List[Tensor] = []
         num_edges, rows_in = neighbours.shape[0], self.num_rows_in
         for o in range(len(self.mix_plan) // 7):
@@ -196,8 +196,7 @@ class Interaction(nn.Module):
             coupled = (sh @ self.coupling[:, first * rows_in : (first + count * dim) * rows_in]).view(num_edges, count * dim, rows_in)
             run = torch.bmm(coupled, neighbours).view(num_edges, dim, count * mul)
             # their radial weights, the same for every m
-            columns = self.weight_columns[slot * mul : (slot + count) * mul]
-            weights = hidden @ (last[:, columns] * self.radial_scales[-1])
+            weights = hidden @ last[:, slot * mul : (slot + count) * mul]
             if edge_pair is not None:
                 weights = weights.index_select(0, edge_pair)
             run = run * weights.unsqueeze(1)
@@ -218,19 +217,46 @@ class Interaction(nn.Module):
             out = out + x[:, : out.shape[1]]
         return out
 
-    def _radial_hidden(self, radial: Tensor) -> Tuple[Tensor, Tensor]:
-        """The radial MLP up to its last layer, and that layer's weight (each output irrep takes its columns)."""
-        x = radial
-        last_weight = radial
+    def _weight_tables(self) -> Tuple[Tensor, Tensor, Tensor]:
+        """The weights in the fused layout: linear_in per row (M, U, U), the mixing matrices (flat), and the
+        radial MLP's last layer with its columns in output-irrep order and its constants folded in.
+        Computed from the parameters on every call, or taken from :meth:`freeze`'s copies."""
+        if self.frozen:
+            return self.frozen_w_in, self.frozen_mix, self.frozen_last
+        w_in = self.linear_in.weight[self.lin_index] * self.lin_scale
+        mix = torch.cat([self.linear_out.weight, self.self_interaction.weight])[self.mix_index] * self.mix_scale
+        last = self.lin_scale  # placeholder until the loop finds the last radial layer
         k = 0
-        last = len(self.radial_scales) - 1
         for layer in self.radial:
-            if k < last:
-                x = F.silu(x @ (layer.weight * self.radial_scales[k]))
-            else:
-                last_weight = layer.weight
+            if k == len(self.radial_scales) - 1:
+                last = layer.weight[:, self.weight_columns] * self.radial_scales[k]
             k += 1
-        return x, last_weight
+        return w_in, mix, last
+
+    @torch.jit.unused
+    def freeze(self) -> None:
+        """Precompute the weight tables for inference (deployed models): they are then constants, not
+        recomputed on every call. ``train()`` undoes it."""
+        with torch.no_grad():
+            self.frozen = False
+            w_in, mix, last = self._weight_tables()
+            self.frozen_w_in, self.frozen_mix, self.frozen_last = w_in.clone(), mix.clone(), last.clone()
+        self.frozen = True
+
+    def train(self, mode: bool = True):
+        if mode:
+            self.frozen = False
+        return super().train(mode)
+
+    def _radial_hidden(self, radial: Tensor) -> Tensor:
+        """The radial MLP up to its last layer (each output irrep applies its own columns of the last)."""
+        x = radial
+        k = 0
+        for layer in self.radial:
+            if k < len(self.radial_scales) - 1:
+                x = F.silu(x @ (layer.weight * self.radial_scales[k]))
+            k += 1
+        return x
 
     def _activate_scalars(self, outs: List[Tensor], n: int) -> Tensor:
         """The gate's scalar part: each scalar irrep through its activation, (N, number of scalars)."""
@@ -337,6 +363,13 @@ class EGNN(nn.Module):
         self.use_e3nn = not all(layer.fusable for layer in layers)
         layers[-1].scalars_only = True  # its l > 0 outputs would be computed for nothing
         self.readout = nn.Sequential(nn.Linear(num_features, num_features // 2), nn.SiLU(), nn.Linear(num_features // 2, 1))
+
+    @torch.jit.unused
+    def freeze(self) -> None:
+        """Precompute every layer's fused weight tables (for deploying; ``train()`` undoes it)."""
+        if not self.use_e3nn:
+            for layer in self.layers:
+                layer.freeze()
 
     def forward(self, graph: Dict[str, Tensor], species: Tensor) -> Tuple[Tensor, Tensor]:
         edge_index = graph[keys.EDGE_INDEX]
