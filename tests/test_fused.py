@@ -109,10 +109,12 @@ def test_both_parities_fall_back_to_e3nn_and_stay_invariant():
     assert np.ptp(energies) < 1e-10
 
 
-def test_radial_once_per_pair_changes_no_number(float64_default):
-    """With the pair keys the radial MLP runs once per pair i->j, j->i; without them once per edge."""
+@pytest.mark.parametrize("kind", ["egnn", "schnet"])
+def test_radial_once_per_pair_changes_no_number(kind, float64_default):
+    """With the pair keys the radial MLP (filters) run once per pair i->j, j->i; without them once per edge."""
     torch.manual_seed(4)
-    potential = build_potential("egnn", [1, 6, 8], 4.0, torch.float64, num_features=6, lmax=2, num_layers=3, parity=False).eval()
+    hparams = {"egnn": dict(num_features=6, lmax=2, num_layers=3, parity=False), "schnet": dict(num_features=8)}[kind]
+    potential = build_potential(kind, [1, 6, 8], 4.0, torch.float64, **hparams).eval()
     graph = ethanol_graph()
     assert keys.PAIR_EDGE in graph
     per_pair = potential(graph)

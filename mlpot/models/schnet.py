@@ -1,7 +1,7 @@
 """SchNet: continuous-filter convolutions on a radial basis (Schütt et al., J. Chem. Phys. 148, 241722, 2018)."""
 
 import math
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -27,9 +27,12 @@ class Interaction(nn.Module):
         self.atom_mid = nn.Linear(num_features, num_features)
         self.atom_out = nn.Linear(num_features, num_features)
 
-    def forward(self, h: Tensor, basis: Tensor, envelope: Tensor, edge_index: Tensor) -> Tensor:
-        # filters vanish smoothly at the cutoff through the envelope
+    def forward(self, h: Tensor, basis: Tensor, envelope: Tensor, edge_index: Tensor, edge_pair: Optional[Tensor] = None) -> Tensor:
+        # filters vanish smoothly at the cutoff through the envelope; with edge_pair, basis and envelope
+        # hold one row per pair i->j, j->i (same length) and the filters are gathered to the edges
         w = self.filter_out(shifted_softplus(self.filter_in(basis))) * envelope.unsqueeze(-1)
+        if edge_pair is not None:
+            w = w.index_select(0, edge_pair)
         x = self.atom_in(h)
         messages = x[edge_index[1]] * w
         x = torch.zeros_like(x).index_add(0, edge_index[0], messages)
@@ -63,9 +66,13 @@ class SchNet(nn.Module):
     def forward(self, graph: Dict[str, Tensor], species: Tensor) -> Tuple[Tensor, Tensor]:
         edge_index = graph[keys.EDGE_INDEX]
         _, r = edge_vectors(graph[keys.POSITIONS], edge_index, graph[keys.SHIFT])
+        edge_pair: Optional[Tensor] = None
+        if keys.PAIR_EDGE in graph and keys.EDGE_PAIR in graph:  # filters once per pair i->j, j->i
+            r = r.index_select(0, graph[keys.PAIR_EDGE])
+            edge_pair = graph[keys.EDGE_PAIR]
         basis = self.basis(r)
         envelope = self.cutoff_fn(r)
         h = self.embedding(species)
         for interaction in self.interactions:
-            h = h + interaction(h, basis, envelope, edge_index)
+            h = h + interaction(h, basis, envelope, edge_index, edge_pair)
         return self.readout_out(shifted_softplus(self.readout_hidden(h))).squeeze(-1), h
