@@ -1,4 +1,4 @@
-"""The ``mlpot`` command: ``mlpot md|relax|vibrations MODEL.pt ...``, thin layers over mlpot.workflows."""
+"""The ``mlpot`` command: ``mlpot md|relax|vibrations MODEL.pt ...`` and ``mlpot study ...``, thin layers over mlpot.workflows and mlpot.study."""
 
 from __future__ import annotations
 
@@ -95,11 +95,24 @@ def run_vibrations(args):
     return result
 
 
-# subcommand -> (parser builder, runner); a new subcommand (e.g. ``study``) is one more entry.
+def _study_parser(sub) -> None:
+    from mlpot.study import cli
+
+    cli.add_parser(sub)
+
+
+def run_study(args):
+    from mlpot.study import cli
+
+    return cli.run(args)
+
+
+# subcommand -> (parser builder, runner); a new subcommand is one more entry.
 COMMANDS: Dict[str, tuple] = {
     "md": (_md_parser, run_md),
     "relax": (_relax_parser, run_relax),
     "vibrations": (_vibrations_parser, run_vibrations),
+    "study": (_study_parser, run_study),
 }
 
 

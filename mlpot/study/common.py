@@ -1,0 +1,279 @@
+"""Shared pieces of the studies: loading models (deployed, checkpoint or run folder) and data, hooks, output."""
+
+from __future__ import annotations
+
+import json
+import math
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from mlpot import export, keys
+from mlpot.data import datasets
+from mlpot.data.datasets import Frames, load_dataset, split_indices
+from mlpot.data.graph import Graph, collate
+from mlpot.models import DTYPES, Potential, build_potential
+
+# Molecule name -> the dataset the studies use for it (revised MD17: one level of theory, 1000/1000 splits).
+STUDY_DATASETS = {"ethanol": "rmd17_ethanol", "toluene": "rmd17_toluene", "aspirin": "rmd17_aspirin"}
+
+
+# === models ===
+@dataclass
+class LoadedModel:
+    """A model for the studies: the eager Potential (hooks work on it), the TorchScript module when the
+    source was a deployed file, and metadata (kind, species, cutoff, dtype, hparams, dataset, ...)."""
+
+    potential: Potential
+    scripted: Optional[torch.jit.ScriptModule]
+    meta: dict
+    path: str
+    checked: Dict[str, float] = field(default_factory=dict)
+
+    @property
+    def kind(self) -> str:
+        return self.meta["kind"]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return DTYPES[self.meta["dtype"]]
+
+    @property
+    def label(self) -> str:
+        hp = self.meta.get("hparams", {})
+        extra = f" lmax {hp['lmax']}" if "lmax" in hp else ""
+        return f"{self.kind}{extra} ({Path(self.path).name})"
+
+
+def _is_torchscript(path: Path) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any("/code/" in n for n in archive.namelist())
+
+
+def resolve_model_path(spec) -> Path:
+    """A model argument as a file: a deployed ``.pt``, a checkpoint, or a run folder (its ``model.pt``,
+    else ``best.pt``)."""
+    path = Path(spec)
+    if path.is_dir():
+        for name in ("model.pt", "best.pt", "last.pt"):
+            if (path / name).is_file():
+                return path / name
+        raise FileNotFoundError(f"run folder {path} holds no model.pt, best.pt or last.pt")
+    if not path.is_file():
+        raise FileNotFoundError(f"no model file or run folder at {path}")
+    return path
+
+
+def _dataset_of_run(path: Path) -> Optional[str]:
+    config = path.parent / "config.yaml"
+    if config.is_file():
+        import yaml
+
+        raw = yaml.safe_load(config.read_text()) or {}
+        return (raw.get("data") or {}).get("dataset")
+    return None
+
+
+def _load_scripted_weights(potential: Potential, scripted, path) -> List[str]:
+    """Copy a TorchScript module's weights into the rebuilt eager model; returns the archive's keys
+    that were not loaded. Every key of the eager state dict must be there. Extra keys are left out:
+    TorchScript archives also carry non-persistent buffers (index tables that the model rebuilds, and
+    that a file deployed by another mlpot version may name differently); :func:`check_rebuild` then
+    compares the two models' energies and forces, which is the check that matters."""
+    source = scripted.state_dict()
+    wanted = set(potential.state_dict())
+    missing = sorted(wanted - set(source))
+    if missing:
+        raise RuntimeError(f"the file lacks weights of the rebuilt model: {missing[:5]}")
+    potential.load_state_dict({k: source[k] for k in wanted}, strict=True)
+    return sorted(set(source) - wanted)
+
+
+def load_model(spec, dtype: Optional[str] = None) -> LoadedModel:
+    """Load MODEL (deployed file, training checkpoint or run folder) as an eager Potential in eval mode.
+
+    A deployed file is rebuilt from its metadata with :func:`mlpot.models.build_potential` and the
+    TorchScript module's weights; :func:`check_rebuild` then compares the two on real frames.
+    ``dtype`` ("float32"/"float64") converts the model; default: its own.
+    """
+    path = resolve_model_path(spec)
+    if _is_torchscript(path):
+        scripted, meta = export.load(path)
+        meta = dict(meta)
+        hparams = dict(meta.get("hparams") or {})
+        try:
+            potential = build_potential(meta["kind"], meta["species"], meta["cutoff"], dtype=DTYPES[meta["dtype"]], **hparams)
+            ignored = _load_scripted_weights(potential, scripted, path)
+        except (TypeError, RuntimeError, KeyError) as err:
+            raise ValueError(
+                f"{path}: cannot rebuild the eager model from the file's metadata "
+                f"(kind {meta.get('kind')}, hparams {hparams}): {type(err).__name__}: {err}"
+            ) from None
+    else:
+        from mlpot.checkpoint import load_potential
+
+        potential = load_potential(path)
+        scripted, ignored = None, []
+        meta = {
+            "kind": potential.kind, "species": list(potential.species), "cutoff": potential.cutoff,
+            "dtype": str(potential.energy_scale.dtype).replace("torch.", ""), "hparams": potential.hparams,
+        }
+        dataset = _dataset_of_run(path)
+        if dataset:
+            meta["dataset"] = dataset
+    if dtype is not None:
+        potential.to(DTYPES[dtype])
+        if scripted is not None:
+            scripted.to(DTYPES[dtype])
+        meta["dtype"] = dtype
+    model = LoadedModel(potential.eval(), scripted, meta, str(path))
+    if ignored:
+        model.checked["archive_keys_not_loaded"] = ignored
+    return model
+
+
+def check_rebuild(model: LoadedModel, graphs: Sequence[Graph]) -> Dict[str, float]:
+    """Max |ΔE| (eV) and |ΔF| (eV/Å) between the rebuilt eager model and the deployed TorchScript one;
+    raises ValueError when they disagree beyond rounding (then hooks would study a different model)."""
+    if model.scripted is None or not graphs:
+        return {}
+    batch = collate(list(graphs))
+    out_eager = model.potential(batch)
+    out_script = model.scripted(batch)
+    de = (out_eager[keys.ENERGY] - out_script[keys.ENERGY]).abs().max().item()
+    df = (out_eager[keys.FORCES] - out_script[keys.FORCES]).abs().max().item()
+    scale = out_script[keys.ENERGY].abs().max().item()
+    single = model.dtype == torch.float32
+    tol_e = (1e-6 * scale + 1e-4) if single else (1e-10 * scale + 1e-8)
+    tol_f = 1e-3 if single else 1e-7
+    if not (de <= tol_e and df <= tol_f):  # also catches NaN
+        raise ValueError(
+            f"{model.path}: the eager model rebuilt from the metadata does not reproduce the deployed file "
+            f"(max |ΔE| {de:.3g} eV > {tol_e:.3g} or max |ΔF| {df:.3g} eV/Å > {tol_f:.3g}); "
+            f"the metadata's kind/hparams do not describe these weights"
+        )
+    model.checked.update({"max_energy_diff_eV": de, "max_forces_diff_eV_per_A": df, "frames": len(graphs)})
+    return model.checked
+
+
+# === data ===
+def dataset_name(spec: str) -> str:
+    """A molecule name (ethanol, toluene, aspirin) -> its rMD17 dataset; anything else unchanged."""
+    return STUDY_DATASETS.get(spec, spec)
+
+
+def load_frames(spec: str, split: Optional[str] = "test", num_frames: Optional[int] = None, seed: int = 0,
+                data_dir=None) -> Frames:
+    """Frames of a molecule name, dataset name or file; ``num_frames`` drawn at random (sorted, fixed by ``seed``).
+
+    ``split`` ("train"/"test") applies to named datasets that have one; files and single-file sets are read whole.
+    """
+    name = dataset_name(str(spec))
+    if Path(name).is_file():
+        frames = load_dataset(name)
+    elif name in datasets.known_datasets():
+        split = None if name in datasets.SINGLE_FILE_DATASETS else (split or "test")
+        frames = load_dataset(name, split, data_dir=data_dir)
+    else:
+        raise FileNotFoundError(
+            f"DATA {spec!r} is neither a file nor a known dataset ({', '.join(datasets.known_datasets())})"
+        )
+    if num_frames is not None and num_frames < len(frames):
+        frames = frames.subset(split_indices(len(frames), [num_frames], seed)[0])
+    return frames
+
+
+def graphs_of(frames: Frames, model: LoadedModel) -> List[Graph]:
+    from mlpot.train.loop import frames_to_graphs
+
+    return frames_to_graphs(frames, model.meta["cutoff"], model.dtype)
+
+
+def evaluate(model, graphs: Sequence[Graph], batch_size: int = 50) -> Dict[str, float]:
+    """Test errors (meV, meV/Å) of any graph -> energies/forces module on labelled graphs."""
+    from mlpot.train.metrics import error_metrics, predict
+
+    return error_metrics(predict(model, list(graphs), batch_size))
+
+
+@torch.no_grad()
+def pooled_features(potential: Potential, graphs: Sequence[Graph], pool: str = "mean", batch_size: int = 100) -> np.ndarray:
+    """(M, F) last-layer invariant node features (``node_features``) pooled per structure (mean or sum)."""
+    saved = potential.compute_forces
+    potential.compute_forces = False
+    rows = []
+    try:
+        for start in range(0, len(graphs), batch_size):
+            batch = collate(list(graphs[start : start + batch_size]))
+            out = potential(batch)
+            feats = out[keys.NODE_FEATURES].double()
+            num = batch[keys.NUM_ATOMS].shape[0]
+            summed = torch.zeros(num, feats.shape[1], dtype=feats.dtype).index_add(0, batch[keys.BATCH], feats)
+            if pool == "mean":
+                summed = summed / batch[keys.NUM_ATOMS].unsqueeze(1).to(summed.dtype)
+            rows.append(summed.numpy())
+    finally:
+        potential.compute_forces = saved
+    return np.concatenate(rows)
+
+
+# === output ===
+def output_dir(path, default: str) -> Path:
+    out = Path(path or default)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (np.floating, float)):
+        value = float(value)
+        return value if math.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.ndarray):
+        return _jsonable(value.tolist())
+    return value
+
+
+def write_json(path, data) -> Path:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(_jsonable(data), indent=2, ensure_ascii=False) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def median_latency_ms(module, graph: Graph, calls: int = 100, warmup: int = 10) -> float:
+    """Median wall time of one energy+forces call of ``module`` on ``graph``, ms (in the current thread count)."""
+    import time
+
+    times = []
+    for i in range(warmup + calls):
+        g = dict(graph)
+        g[keys.POSITIONS] = graph[keys.POSITIONS].clone()
+        tic = time.perf_counter()
+        out = module(g)
+        out[keys.FORCES].sum().item()
+        if i >= warmup:
+            times.append(time.perf_counter() - tic)
+    return float(np.median(times) * 1000.0)

@@ -1,0 +1,278 @@
+"""Symmetry demo: a model's energy under random rotations, reflections and translations, forces rotated
+accordingly, and for contrast a non-symmetric baseline that must learn rotations from augmentation.
+
+For the model: N random proper rotations and N random improper ones (rotation times inversion through
+the centroid, i.e. a rotation-reflection) about the centroid, and N random translations (uniform in
+±5 Å per axis). Printed: the energy spread max - min over the original and its copies (eV) and the
+largest |F(g x) - g F(x)| (eV/Å). Run in float64 by default: in float32 the total energy of a
+molecule (thousands of eV) alone rounds at ~1e-4 eV.
+
+Baseline (:class:`CartesianMLP`, a study tool, not an mlpot model): an MLP from the flattened
+Cartesian coordinates of one molecule to its energy, forces by autograd, fitted to energies and
+forces. The reference frames are first brought to one orientation (centred, Kabsch-rotated onto the
+first training frame; forces rotated with them), because MD17 frames come in random orientations.
+Inputs are standardised per coordinate (a fixed affine map from the training set), the loss is
+(ΔE/σ_E)^2 + 10 (ΔF/σ_F)^2, Adam with a cosine schedule, batches of 32. It is trained with 0, 1, 4,
+16, 64 fixed random rotated copies per training frame and with a fresh random rotation for every
+sample ("inf"), always for the same number of steps, and tested on the canonical test frames, on
+randomly rotated copies and on copies translated by up to 1 Å.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from mlpot import keys
+from mlpot.data.graph import make_graph
+from mlpot.study.common import (
+    dataset_name, evaluate, load_frames, load_model, output_dir, pyplot, write_json,
+)
+
+
+def random_rotations(n: int, rng: np.random.Generator) -> np.ndarray:
+    """(n, 3, 3) uniformly random proper rotations (QR of Gaussian matrices, sign-fixed)."""
+    a = rng.normal(size=(n, 3, 3))
+    q, r = np.linalg.qr(a)
+    q = q * np.sign(np.diagonal(r, axis1=1, axis2=2))[:, None, :]
+    q[np.linalg.det(q) < 0, :, 0] *= -1
+    return q
+
+
+class _Model:
+    """Energy and forces of one structure from a deployed module or an eager Potential."""
+
+    def __init__(self, module, numbers, cutoff, dtype):
+        self.module, self.numbers, self.cutoff, self.dtype = module, np.asarray(numbers), cutoff, dtype
+
+    def __call__(self, positions):
+        out = self.module(make_graph(self.numbers, positions, self.cutoff, dtype=self.dtype))
+        return float(out[keys.ENERGY].detach().double().sum()), out[keys.FORCES].detach().double().numpy()
+
+
+def symmetry_spreads(model: _Model, positions: np.ndarray, n: int, seed: int, shift: float = 5.0) -> Dict[str, dict]:
+    """Energy spread (eV) and max force error (eV/Å) over n random rotations, reflections and translations."""
+    rng = np.random.default_rng(seed)
+    centre = positions.mean(axis=0)
+    e0, f0 = model(positions)
+    rotations = random_rotations(n, rng)
+    groups = {
+        "rotations": [(m, np.zeros(3)) for m in rotations],
+        "reflections": [(-m, np.zeros(3)) for m in random_rotations(n, rng)],  # det -1: rotation x inversion
+        "translations": [(np.eye(3), rng.uniform(-shift, shift, size=3)) for _ in range(n)],
+    }
+    result = {"energy_eV": e0}
+    for name, ops in groups.items():
+        energies, ferr = [e0], 0.0
+        for m, t in ops:
+            e, f = model((positions - centre) @ m.T + centre + t)
+            energies.append(e)
+            ferr = max(ferr, float(np.abs(f - f0 @ m.T).max()))
+        result[name] = {"count": n, "energy_spread_eV": float(np.max(energies) - np.min(energies)),
+                        "max_force_error_eV_per_A": ferr}
+    return result
+
+
+# === the non-symmetric baseline ===
+def kabsch(x: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    """Proper rotation R minimising ||x R - ref|| for centred (n, 3) x and ref."""
+    u, _, vt = np.linalg.svd(x.T @ ref)
+    d = np.sign(np.linalg.det(u @ vt))
+    return u @ np.diag([1.0, 1.0, d]) @ vt
+
+
+def canonicalize(positions: np.ndarray, forces: np.ndarray, ref: np.ndarray):
+    """Centre every (F, n, 3) frame and rotate it (and its forces) onto ``ref`` (centred)."""
+    pos, frc = [], []
+    for x, f in zip(positions, forces):
+        x = x - x.mean(axis=0)
+        r = kabsch(x, ref)
+        pos.append(x @ r)
+        frc.append(f @ r)
+    return np.stack(pos), np.stack(frc)
+
+
+class CartesianMLP(nn.Module):
+    """E = scale * MLP(flattened Cartesian coordinates) + offset; knows no symmetry at all."""
+
+    def __init__(self, num_atoms: int, hidden: int = 128, scale: float = 1.0, offset: float = 0.0,
+                 mean: Optional[np.ndarray] = None, std: Optional[np.ndarray] = None):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(3 * num_atoms, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
+                                 nn.Linear(hidden, 1))
+        self.scale, self.offset = scale, offset
+        # a fixed affine map of the inputs (per-coordinate mean and spread of the training set)
+        self.register_buffer("mean", torch.as_tensor(np.zeros(3 * num_atoms) if mean is None else mean.reshape(-1)))
+        self.register_buffer("std", torch.as_tensor(np.ones(3 * num_atoms) if std is None else std.reshape(-1)))
+
+    def forward(self, positions: torch.Tensor):
+        positions = positions.detach().requires_grad_(True)
+        x = (positions.flatten(1) - self.mean) / self.std
+        energy = self.net(x).squeeze(-1) * self.scale + self.offset
+        forces = -torch.autograd.grad(energy.sum(), positions, create_graph=self.training)[0]
+        return energy, forces
+
+
+def train_baseline(pos: np.ndarray, energy: np.ndarray, forces: np.ndarray, copies, steps: int, seed: int,
+                   batch_size: int = 32, lr: float = 3e-3, forces_weight: float = 10.0, hidden: int = 128) -> CartesianMLP:
+    """Fit a CartesianMLP with ``copies`` fixed random rotations per frame (int) or a fresh one per sample ("inf")."""
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    x, e, f = pos, energy, forces
+    if copies != "inf" and int(copies) > 0:
+        rots = random_rotations(len(pos) * int(copies), rng).reshape(len(pos), int(copies), 3, 3)
+        x = np.concatenate([pos, np.einsum("fad,fkbd->fkab", pos, rots).reshape(-1, *pos.shape[1:])])
+        f = np.concatenate([forces, np.einsum("fad,fkbd->fkab", forces, rots).reshape(-1, *pos.shape[1:])])
+        e = np.concatenate([energy, np.repeat(energy, int(copies))])
+    n_atoms = pos.shape[1]
+    e_scale, f_scale = float(energy.std()) or 1.0, float(forces.std()) or 1.0  # losses in units of the data's spread
+    model = CartesianMLP(n_atoms, hidden, scale=e_scale, offset=float(energy.mean()), mean=x.mean(axis=0),
+                         std=np.maximum(x.std(axis=0), 1e-3)).double()
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps, eta_min=1e-5)
+    xt, et, ft = torch.as_tensor(x), torch.as_tensor(e), torch.as_tensor(f)
+    model.train()
+    for _ in range(steps):
+        idx = torch.as_tensor(rng.integers(0, len(xt), size=batch_size))
+        xb, eb, fb = xt[idx], et[idx], ft[idx]
+        if copies == "inf":
+            r = torch.as_tensor(random_rotations(batch_size, rng))
+            xb, fb = xb @ r.transpose(1, 2), fb @ r.transpose(1, 2)
+        pe, pf = model(xb)
+        loss = (((pe - eb) / e_scale) ** 2).mean() + forces_weight * (((pf - fb) / f_scale) ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    return model.eval()
+
+
+def _errors(predict, pos, energy, forces) -> Dict[str, float]:
+    e, f = predict(pos)
+    return {"energy_mae_meV": float(np.abs(e - energy).mean() * 1000), "forces_mae_meV_per_A": float(np.abs(f - forces).mean() * 1000)}
+
+
+def _mlp_predict(model: CartesianMLP):
+    def predict(pos):
+        e, f = model(torch.as_tensor(pos))
+        return e.detach().numpy(), f.detach().numpy()
+
+    return predict
+
+
+def _test_sets(pos, forces, seed: int, shift: float = 1.0) -> Dict[str, tuple]:
+    rng = np.random.default_rng(seed + 1)
+    rots = random_rotations(len(pos), rng)
+    shifts = rng.uniform(-shift, shift, size=(len(pos), 1, 3))
+    return {
+        "canonical": (pos, forces),
+        "rotated": (np.einsum("fad,fbd->fab", pos, rots), np.einsum("fad,fbd->fab", forces, rots)),
+        "translated": (pos + shifts, forces),
+    }
+
+
+def run_baseline(dataset: str, copies_list: Sequence, steps: int, seed: int, test_frames: int, data_dir=None,
+                 symmetric=None, train_frames: Optional[int] = None) -> dict:
+    """Train the Cartesian baseline for every augmentation level; test errors on canonical/rotated/translated."""
+    import time
+
+    train = load_frames(dataset, "train", train_frames, seed, data_dir)
+    test = load_frames(dataset, "test", test_frames, seed, data_dir)
+    ref = train.positions[0] - train.positions[0].mean(axis=0)
+    ptr, ftr = canonicalize(np.stack(train.positions), np.stack(train.forces), ref)
+    pte, fte = canonicalize(np.stack(test.positions), np.stack(test.forces), ref)
+    sets = _test_sets(pte, fte, seed)
+    rows = []
+    for copies in copies_list:
+        tic = time.perf_counter()
+        model = train_baseline(ptr, train.energy, ftr, copies, steps, seed)
+        row = {"augmentation_copies": copies, "train_s": round(time.perf_counter() - tic, 1)}
+        for name, (p, f) in sets.items():
+            row[name] = _errors(_mlp_predict(model), p, test.energy, f)
+        rows.append(row)
+        print(f"  baseline, {copies} rotated copies per frame: E MAE canonical {row['canonical']['energy_mae_meV']:.1f}, "
+              f"rotated {row['rotated']['energy_mae_meV']:.1f}, translated {row['translated']['energy_mae_meV']:.1f} meV "
+              f"({row['train_s']:.0f} s)", flush=True)
+    result = {"dataset": dataset, "train_frames": len(train), "test_frames": len(test), "steps": steps, "rows": rows}
+    if symmetric is not None:
+        module, cutoff, dtype = symmetric
+        from mlpot.train.loop import frames_to_graphs
+
+        sym = {}
+        for name, (p, f) in sets.items():
+            frames = test.subset(np.arange(len(test)))
+            frames.positions, frames.forces = list(p), list(f)
+            m = evaluate(module, frames_to_graphs(frames, cutoff, dtype))
+            sym[name] = {"energy_mae_meV": m["energy_mae_meV"], "forces_mae_meV_per_A": m["forces_mae_meV_per_A"]}
+        result["symmetric_model"] = sym
+    return result
+
+
+def plot_baseline(result: dict, path: Path, model_label: str) -> None:
+    plt = pyplot()
+    rows = result["rows"]
+    labels = [str(r["augmentation_copies"]) for r in rows]
+    x = np.arange(len(rows))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, unit in ((axes[0], "energy_mae_meV", "energy MAE (meV)"), (axes[1], "forces_mae_meV_per_A", "force MAE (meV/Å)")):
+        for j, name in enumerate(("canonical", "rotated", "translated")):
+            ax.plot(x, [r[name][key] for r in rows], "o-", color=f"C{j}", label=f"MLP, {name} test")
+        if "symmetric_model" in result:
+            ax.axhline(result["symmetric_model"]["rotated"][key], color="k", ls="--", lw=1,
+                       label=f"{model_label} (any orientation)")
+        ax.set(xticks=x, xticklabels=labels, xlabel="random rotated copies per training frame", ylabel=unit, yscale="log")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"non-symmetric Cartesian MLP, {result['train_frames']} frames of {result['dataset']}, {result['steps']} steps each", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run_symmetry(model_spec, structure: Optional[str] = None, n: int = 100, dtype: str = "float64", seed: int = 0,
+                 output=None, data_dir=None, baseline: bool = True, copies: str = "0,1,4,16,64,inf",
+                 baseline_steps: int = 10000, baseline_data: Optional[str] = None, test_frames: int = 500,
+                 train_frames: Optional[int] = None) -> dict:
+    from mlpot.workflows.analysis import load_structure
+
+    loaded = load_model(model_spec, dtype=dtype)
+    module = loaded.scripted if loaded.scripted is not None else loaded.potential
+    spec = structure or loaded.meta.get("dataset") or "ethanol"
+    atoms = load_structure(spec, data_dir)
+    torch_dtype = loaded.dtype
+    model = _Model(module, atoms.numbers, loaded.meta["cutoff"], torch_dtype)
+    out = output_dir(output, f"mlpot-study-symmetry-{loaded.kind}")
+    result = {"model": loaded.path, "kind": loaded.kind, "hparams": loaded.meta.get("hparams"), "dtype": dtype,
+              "structure": spec, "num_atoms": len(atoms), "seed": seed}
+    result.update(symmetry_spreads(model, atoms.positions, n, seed))
+    print(format_spreads(result))
+    if baseline:
+        data = dataset_name(baseline_data or loaded.meta.get("dataset") or "ethanol")
+        levels = [c.strip() if c.strip() == "inf" else int(c) for c in str(copies).split(",") if c.strip()]
+        print(f"non-symmetric baseline (Cartesian MLP) on {data}, {baseline_steps} steps per level:", flush=True)
+        torch_threads = torch.get_num_threads()
+        result["baseline"] = run_baseline(data, levels, baseline_steps, seed, test_frames, data_dir,
+                                          (module, loaded.meta["cutoff"], torch_dtype), train_frames)
+        torch.set_num_threads(torch_threads)
+        sym = result["baseline"]["symmetric_model"]
+        print(f"  {loaded.kind} on the same test frames: E MAE canonical {sym['canonical']['energy_mae_meV']:.2f}, "
+              f"rotated {sym['rotated']['energy_mae_meV']:.2f}, translated {sym['translated']['energy_mae_meV']:.2f} meV")
+        plot_baseline(result["baseline"], out / "symmetry_baseline.png", loaded.kind)
+    write_json(out / "symmetry.json", result)
+    print(f"wrote {out / 'symmetry.json'}" + (f", {out / 'symmetry_baseline.png'}" if baseline else ""))
+    result["output"] = str(out)
+    return result
+
+
+def format_spreads(result: dict) -> str:
+    lines = [f"symmetry of {result['kind']} ({result['model']}) in {result['dtype']} on {result['structure']} "
+             f"({result['num_atoms']} atoms), E = {result['energy_eV']:.6f} eV"]
+    for name in ("rotations", "reflections", "translations"):
+        r = result[name]
+        lines.append(f"  {r['count']} random {name:<12}: energy spread {r['energy_spread_eV']:.2e} eV, "
+                     f"max force error {r['max_force_error_eV_per_A']:.2e} eV/Å")
+    return "\n".join(lines)

@@ -1,0 +1,167 @@
+"""``mlpot study ...``: every study on a tiny model and a few EMT-labelled ethanols (seconds each)."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from mlpot import export, keys
+from mlpot.commands import run
+from mlpot.study import learning_curve, symmetry
+from mlpot.study.common import load_model
+
+from conftest import make_tiny_potential, write_sgdml_npz
+
+pytest.importorskip("sklearn")
+
+TINY = ["--set", "model.hparams.num_features=4", "--set", "model.hparams.num_layers=1"]
+
+
+@pytest.fixture(scope="module")
+def frames_file(tmp_path_factory):
+    return write_sgdml_npz(tmp_path_factory.mktemp("data") / "ethanol_emt.npz", 40, seed=3)
+
+
+def _deploy(path, kind, frames_file, **hparams):
+    potential = make_tiny_potential(kind, torch.float64, **hparams)
+    export.save(potential, path, dataset=str(frames_file))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tiny_egnn(tmp_path_factory, frames_file):
+    path = tmp_path_factory.mktemp("model") / "egnn.pt"
+    return _deploy(path, "egnn", frames_file, num_features=4, num_layers=2, radial_hidden=8, parity=False)
+
+
+def test_model_names_and_budget_rule():
+    assert learning_curve.parse_model("egnn-l1")["hparams"]["lmax"] == 1
+    assert learning_curve.parse_model("egnn")["hparams"]["lmax"] == 2
+    for bad in ("gcn-l1", "egnn-l9", "mace"):
+        with pytest.raises(ValueError):
+            learning_curve.parse_model(bad)
+    assert learning_curve.split_sizes(1000) == (950, 50)
+    assert learning_curve.split_sizes(50) == (45, 5)
+    small = learning_curve.make_config(learning_curve.parse_model("gcn"), "rmd17_ethanol", 50, 4000, "runs/x")
+    large = learning_curve.make_config(learning_curve.parse_model("gcn"), "rmd17_ethanol", 1000, 4000, "runs/x")
+    steps = [c.train.epochs * -(-c.data.train_size // c.train.batch_size) for c in (small, large)]
+    assert all(4000 <= s < 4000 + 190 for s in steps)  # the same number of optimizer steps at every size
+
+
+def test_learning_curve_rows_plot_and_resume(tmp_path, frames_file):
+    args = ["study", "learning-curve", "--dataset", str(frames_file), "--models", "gcn,egnn-l0", "--sizes", "10,15",
+            "--steps", "4", "--test-size", "5", "--output", str(tmp_path / "out"), "--runs-dir", str(tmp_path / "runs"), *TINY]
+    result = run(args)
+    csv_path = tmp_path / "out" / "learning_curve.csv"
+    rows = list(csv.DictReader(open(csv_path)))
+    assert sorted((r["model"], int(r["size"])) for r in rows) == [("egnn-l0", 10), ("egnn-l0", 15), ("gcn", 10), ("gcn", 15)]
+    assert all(np.isfinite(float(r[k])) for r in rows for k in ("energy_mae_meV", "forces_mae_meV_per_A"))
+    assert all(int(r["test_frames"]) == 5 and int(r["steps_run"]) >= 4 for r in rows)
+    assert all(r["note"] == "" for r in rows)  # every run, egnn with lmax 0 included, deployed its model.pt
+    assert (tmp_path / "out" / "learning_curve.png").stat().st_size > 0
+    slopes = json.loads((tmp_path / "out" / "learning_curve.json").read_text())["slopes"]
+    assert set(slopes["forces_mae_meV_per_A"]) == {"gcn", "egnn-l0"}
+    assert all(np.isfinite(v) for v in slopes["energy_mae_meV"].values())
+    assert result["rows"] == 4
+    run(args)  # finished runs are skipped, not trained or appended again
+    assert len(list(csv.DictReader(open(csv_path)))) == 4
+
+
+def test_latent_numbers_and_figure(tmp_path, tiny_egnn, frames_file):
+    result = run(["study", "latent", tiny_egnn, str(frames_file), "--frames", "30", "--perplexity", "5",
+                  "--pairs", "500", "--k", "3", "--output", str(tmp_path)])
+    assert result["embedding"].shape == (30, 2) and np.isfinite(result["embedding"]).all()
+    assert set(result["knn_r2"]) == {"energy_eV", "C-C_A", "C-O_A", "C-C-O_deg"}  # ethanol: geometry too
+    for block in (result, result["control_untrained"]):
+        assert all(np.isfinite(v) and -1 <= v <= 1 for v in block["spearman_latent_distance_vs"].values())
+        assert all(np.isfinite(v["mean"]) for v in block["knn_r2"].values())
+    assert result["control_distances"]["spearman_latent_distance_vs"]["geometry"] == pytest.approx(1.0)
+    assert result["rebuild_check"]["max_energy_diff_eV"] < 1e-8
+    saved = json.loads((tmp_path / "latent.json").read_text())
+    assert saved["frames"] == 30 and (tmp_path / "latent_tsne.png").stat().st_size > 0
+
+
+def test_rebuild_mismatch_is_reported(tmp_path, frames_file):
+    potential = make_tiny_potential("schnet", torch.float64)
+    path = tmp_path / "wrong.pt"
+    export.save(potential, path, dataset=str(frames_file), cutoff=3.0)  # metadata that does not describe the weights
+    with pytest.raises(SystemExit):
+        run(["study", "latent", str(path), str(frames_file), "--frames", "10", "--output", str(tmp_path)])
+    from mlpot.study.common import check_rebuild, graphs_of, load_frames
+
+    model = load_model(path)
+    with pytest.raises(ValueError, match="does not reproduce"):
+        check_rebuild(model, graphs_of(load_frames(str(frames_file), num_frames=3), model))
+
+
+def test_irreps_shares_ablation_and_retrain(tmp_path, tiny_egnn, frames_file):
+    result = run(["study", "irreps", tiny_egnn, str(frames_file), "--frames", "10", "--output", str(tmp_path),
+                  "--retrain", "--steps", "3", "--size", "10", "--test-size", "5", "--latency-calls", "5",
+                  "--runs-dir", str(tmp_path / "runs")])
+    shares = result["norm_shares"]
+    assert len(shares) == 2
+    assert set(shares[0]["share_by_l"]) == {"0", "1", "2"}
+    for layer in shares:  # the last layer may compute only its scalars (all the readout reads)
+        assert set(layer["share_by_l"]) | {label[:-1] for label in layer["not_computed"]} == {"0", "1", "2"}
+        assert sum(layer["share_by_l"].values()) == pytest.approx(1.0)
+    rows = {(r["layer"], r["l"]): r for r in result["ablation"]}
+    base = rows[("none", None)]["forces_mae_meV_per_A"]
+    assert rows[("all", 0)]["forces_mae_meV_per_A"] != pytest.approx(base, rel=1e-6)  # zeroing scalars matters
+    # the readout reads only the last layer's scalars: its l > 0 channels are computed but unused
+    assert rows[("2", 1)]["energy_mae_meV"] == pytest.approx(rows[("none", None)]["energy_mae_meV"], rel=1e-9)
+    retrained = result["retrain"]["retrained"]
+    assert [t["lmax"] for t in retrained] == [2, 1]
+    assert all(t["latency_ms"] > 0 and np.isfinite(t["test_on_study_frames"]["forces_mae_meV_per_A"]) for t in retrained)
+    assert (tmp_path / "irreps.png").stat().st_size > 0 and (tmp_path / "irreps.json").is_file()
+
+
+def test_norm_shares_group_both_parities(frames_file):
+    from mlpot.study.common import LoadedModel, graphs_of, load_frames
+    from mlpot.study.irreps import norm_shares
+
+    potential = make_tiny_potential("egnn", torch.float64, num_features=4, num_layers=3, lmax=1, parity=True)
+    model = LoadedModel(potential, None, {"kind": "egnn", "cutoff": 5.0, "dtype": "float64", "hparams": {}}, "tiny")
+    first, layer, last = norm_shares(potential, graphs_of(load_frames(str(frames_file), num_frames=4), model))
+    assert set(first["by_irrep"]) == {"0e", "1o"}  # from 0e inputs and Y^0, Y^1 only these are reachable
+    assert {"0e", "1o", "1e"} <= set(layer["by_irrep"]) and set(layer["share_by_l"]) == {"0", "1"}
+    assert set(layer["by_irrep"]) <= set(last["by_irrep"]) | set(last["not_computed"])
+    assert layer["share_by_l"]["1"] == pytest.approx(layer["by_irrep"]["1o"]["share"] + layer["by_irrep"]["1e"]["share"])
+    assert sum(layer["share_by_l"].values()) == pytest.approx(1.0)
+
+
+def test_irreps_needs_an_egnn(tmp_path, frames_file):
+    path = _deploy(tmp_path / "gcn.pt", "gcn", frames_file)
+    with pytest.raises(SystemExit):
+        run(["study", "irreps", path, str(frames_file), "--frames", "5", "--output", str(tmp_path)])
+
+
+def test_symmetry_spreads_and_baseline(tmp_path, tiny_egnn, frames_file):
+    result = run(["study", "symmetry", tiny_egnn, "--structure", str(frames_file), "-n", "5", "--copies", "0,2,inf",
+                  "--baseline-steps", "30", "--test-frames", "5", "--output", str(tmp_path)])
+    for name in ("rotations", "reflections", "translations"):
+        assert result[name]["energy_spread_eV"] < 1e-6
+        assert result[name]["max_force_error_eV_per_A"] < 1e-6
+    rows = result["baseline"]["rows"]
+    assert [r["augmentation_copies"] for r in rows] == [0, 2, "inf"]
+    assert all(np.isfinite(r[s]["energy_mae_meV"]) for r in rows for s in ("canonical", "rotated", "translated"))
+    sym = result["baseline"]["symmetric_model"]
+    assert sym["rotated"]["energy_mae_meV"] == pytest.approx(sym["canonical"]["energy_mae_meV"], abs=1e-4)
+    assert (tmp_path / "symmetry.json").is_file() and (tmp_path / "symmetry_baseline.png").stat().st_size > 0
+
+
+def test_cartesian_baseline_is_not_rotation_invariant(ethanol):
+    torch.manual_seed(0)
+    mlp = symmetry.CartesianMLP(len(ethanol)).double().eval()
+
+    class Module:
+        def __call__(self, graph):
+            e, f = mlp(graph[keys.POSITIONS].unsqueeze(0))
+            return {keys.ENERGY: e, keys.FORCES: f[0]}
+
+    model = symmetry._Model(Module(), ethanol.numbers, 5.0, torch.float64)
+    spreads = symmetry.symmetry_spreads(model, ethanol.positions, 5, seed=0)
+    assert spreads["rotations"]["energy_spread_eV"] > 1e-3
+    rots = symmetry.random_rotations(50, np.random.default_rng(0))
+    assert np.allclose(np.linalg.det(rots), 1.0) and np.allclose(rots @ rots.transpose(0, 2, 1), np.eye(3))
