@@ -32,10 +32,8 @@ def deploy(argv: Optional[Sequence[str]] = None) -> None:
         source = export.read_metadata(args.checkpoint)
     except ValueError:  # a checkpoint
         source = {}
-    regenerated = (export.metadata_of(potential).keys() | {"format"}) - {"periodic"}
-    for key, value in source.items():
-        if key not in regenerated:
-            extra.setdefault(key, value)
+    for key, value in export.carried_metadata(source, potential).items():
+        extra.setdefault(key, value)
     meta = export.save(potential, args.output, format=args.format, **extra)
     print(f"wrote {args.output}: {json.dumps({k: meta[k] for k in ('kind', 'species', 'cutoff', 'dtype', 'format')})}")
 

@@ -87,6 +87,13 @@ def metadata_of(potential, **extra) -> dict:
     return meta
 
 
+def carried_metadata(meta: dict, potential) -> dict:
+    """The entries of a deployed file's metadata that a re-deploy of ``potential`` keeps (dataset,
+    metrics, periodic...): all but those :func:`metadata_of` and :func:`save` write afresh."""
+    regenerated = (metadata_of(potential).keys() | {"format"}) - {"periodic"}
+    return {k: v for k, v in meta.items() if k not in regenerated}
+
+
 def save(potential, path, format: str = "torchscript", **extra) -> dict:
     """Compile ``potential`` and write it with its metadata to ``path`` atomically.
 
@@ -166,7 +173,7 @@ def _verify_aoti(potential, path) -> None:
     a compiler that specialised a shape or miscompiled a kernel must not ship silent wrong numbers."""
     runner = torch._inductor.aoti_load_package(str(path))
     graph = _example_graph(potential, sizes=(9, 4, 6), seed=1)
-    expected = potential(dict(graph))
+    expected = {key: value.detach() for key, value in potential(dict(graph)).items()}
     try:
         energy, forces, _ = runner(*(graph[k] for k in AOTI_INPUTS))
     except RuntimeError as err:
@@ -268,8 +275,7 @@ def compiled_copy(path, dtype: Optional[torch.dtype] = None, cache_dir=None) -> 
     target = default_cache_dir(cache_dir) / "aoti" / f"{path.stem}-{dtype_name}-{digest.hexdigest()[:16]}.pt2"
     if not target.is_file():
         potential = potential_from_deployed(path).to(getattr(torch, dtype_name))
-        keep = {k: v for k, v in meta.items() if k not in metadata_of(potential).keys() | {"format"} or k == "periodic"}
-        save(potential, target, format="aoti", **keep)
+        save(potential, target, format="aoti", **carried_metadata(meta, potential))
     return target
 
 

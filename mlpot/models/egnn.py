@@ -110,7 +110,7 @@ class Interaction(nn.Module):
         self.scalars_only = False
         self.mul, self.num_rows_in, self.num_species = 0, 0, 0
         self.num_scalar_outputs, self.num_gates, self.gate_cst = 0, 0, 1.0
-        self.dims_in, self.mix_plan, self.scalar_acts, self.scalar_dims = [0], [0], [0], [0]
+        self.mix_plan, self.scalar_acts, self.scalar_dims = [0], [0], [0]
         self.radial_scales, self.scalar_csts = [1.0], [1.0]
         for name in ("lin_index", "weight_columns", "mix_index"):
             self.register_buffer(name, torch.zeros(0, dtype=torch.long), persistent=False)
@@ -123,11 +123,10 @@ class Interaction(nn.Module):
         self._fused_defaults()
         mul = equivariant.uniform_multiplicity(self.irreps_in)
         self.mul = mul
-        self.dims_in: List[int] = [ir.dim for _, ir in self.irreps_in]
         lin_index, lin_scale = equivariant.linear_table(self.linear_in)
-        coupling, weight_columns, _ = equivariant.tensor_product_table(self.tp)
+        coupling, weight_columns = equivariant.tensor_product_table(self.tp)
         mix_index, mix_scale, plan = equivariant.mixing_table(self.linear_out, self.self_interaction, mul)
-        self.num_rows_in = sum(self.dims_in)
+        self.num_rows_in = equivariant.block_rows(self.irreps_in)[-1]
         self.num_species = self.self_interaction.irreps_in2.num_irreps
         self.mix_plan: List[int] = plan
         dtype = torch.get_default_dtype()

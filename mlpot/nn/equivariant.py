@@ -32,19 +32,6 @@ def block_rows(irreps: o3.Irreps) -> List[int]:
     return rows
 
 
-def to_blocked(x: Tensor, dims: List[int], mul: int) -> Tensor:
-    """(N, sum mul*dim) e3nn layout -> (N, sum dim, mul) blocked layout."""
-    n = x.shape[0]
-    if len(dims) == 1:
-        return x.reshape(n, mul, dims[0]).transpose(1, 2)
-    parts = []
-    start = 0
-    for d in dims:
-        parts.append(x[:, start : start + mul * d].reshape(n, mul, d).transpose(1, 2))
-        start += mul * d
-    return torch.cat(parts, dim=1)
-
-
 def irrep_runs(irreps: o3.Irreps) -> List[Tuple[int, int, int]]:
     """(first index, count, dim) of each run of consecutive equal irreps."""
     runs: List[Tuple[int, int, int]] = []
@@ -56,13 +43,13 @@ def irrep_runs(irreps: o3.Irreps) -> List[Tuple[int, int, int]]:
     return runs
 
 
-def tensor_product_table(tp: o3.TensorProduct) -> Tuple[Tensor, Tensor, int]:
+def tensor_product_table(tp: o3.TensorProduct) -> Tuple[Tensor, Tensor]:
     """For a ``uvu`` tensor product of (mul x irreps_in1) with (1 x irreps_in2) and per-edge weights.
 
     Returns ``coupling`` (M2, K * M1): Wigner 3j symbols times path weights, such that
     ``(y @ coupling).view(-1, K, M1) @ x_blocked`` is every path's output (before its weight),
     stacked along K; ``weight_columns`` (P * U,): the columns of the flat per-edge weights in the
-    order of the output irreps (slots), so that a run's weights are one contiguous block; and K.
+    order of the output irreps (slots), so that a run's weights are one contiguous block.
     Rows follow ``tp.irreps_out``, except that within each run of equal irreps they go m-major
     (m, then path): a run's rows then view as (N, 2l+1, paths * U) with no copy.
     """
@@ -91,7 +78,7 @@ def tensor_product_table(tp: o3.TensorProduct) -> Tuple[Tensor, Tensor, int]:
     path_of_slot = [p for _, p in sorted((ins.i_out, p) for p, ins in enumerate(tp.instructions))]
     weight_columns = torch.cat([p * mul + torch.arange(mul) for p in path_of_slot])
     # (M1, M2, K) -> (M2, K, M1) so that y @ coupling gives rows ready for a batched matmul with x
-    return coupling[:, :, order].permute(1, 2, 0).reshape(m2, k * m1), weight_columns, k
+    return coupling[:, :, order].permute(1, 2, 0).reshape(m2, k * m1), weight_columns
 
 
 def linear_table(linear: o3.Linear) -> Tuple[Tensor, Tensor]:
