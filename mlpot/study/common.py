@@ -7,7 +7,7 @@ import math
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -187,6 +187,20 @@ def load_frames(spec: str, split: Optional[str] = "test", num_frames: Optional[i
     if num_frames is not None and num_frames < len(frames):
         frames = frames.subset(split_indices(len(frames), [num_frames], seed)[0])
     return frames
+
+
+def load_model_and_data(model_spec, data: Optional[str], split: Optional[str], num_frames: Optional[int], seed: int,
+                        data_dir=None) -> Tuple[LoadedModel, str, Frames, List[Graph]]:
+    """The model, the data name (default: the model's training dataset), its frames and graphs, with the
+    eager rebuild checked against the deployed file on the first graphs. ``model_spec`` may be loaded already."""
+    model = model_spec if isinstance(model_spec, LoadedModel) else load_model(model_spec)
+    data = data or model.meta.get("dataset")
+    if not data:
+        raise ValueError("give DATA: the model file does not name its training dataset")
+    frames = load_frames(data, split, num_frames, seed, data_dir)
+    graphs = graphs_of(frames, model)
+    check_rebuild(model, graphs[:10])
+    return model, data, frames, graphs
 
 
 def graphs_of(frames: Frames, model: LoadedModel) -> List[Graph]:

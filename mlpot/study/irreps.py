@@ -22,7 +22,7 @@ import torch
 
 from mlpot.data.graph import collate
 from mlpot.study.common import (
-    check_rebuild, evaluate, graphs_of, load_frames, load_model, median_latency_ms, output_dir, pyplot, write_json,
+    evaluate, load_model, load_model_and_data, median_latency_ms, output_dir, pyplot, write_json,
 )
 
 
@@ -285,12 +285,7 @@ def run_irreps(model_spec, data: Optional[str] = None, frames: Optional[int] = 1
     model = load_model(model_spec)
     if model.kind != "egnn":
         raise ValueError(f"the irreps study needs an EGNN model; {model.path} is {model.kind!r}")
-    data = data or model.meta.get("dataset")
-    if not data:
-        raise ValueError("give DATA: the model file does not name its training dataset")
-    fr = load_frames(data, split, frames, seed, data_dir)
-    graphs = graphs_of(fr, model)
-    check_rebuild(model, graphs[:10])
+    model, data, fr, graphs = load_model_and_data(model, data, split, frames, seed, data_dir)
     out = output_dir(output, "mlpot-study-irreps")
     shares = norm_shares(model.potential, graphs)
     rows = ablation(model.potential, graphs)

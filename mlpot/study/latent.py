@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from mlpot.study.common import (
-    check_rebuild, graphs_of, load_frames, load_model, output_dir, pooled_features, pyplot, write_json,
+    load_model_and_data, output_dir, pooled_features, pyplot, write_json,
 )
 from mlpot.workflows.analysis import ethanol_internals, is_ethanol, pair_distances
 
@@ -115,13 +115,7 @@ def _untrained_like(model):
 def run_latent(model_spec, data: Optional[str] = None, frames: int = 1000, split: str = "test", pool: str = "mean",
                perplexity: float = 30.0, pairs: int = 20000, k: int = 10, folds: int = 5, seed: int = 0,
                output=None, data_dir=None, controls: bool = True) -> dict:
-    model = load_model(model_spec)
-    data = data or model.meta.get("dataset")
-    if not data:
-        raise ValueError("give DATA: the model file does not name its training dataset")
-    fr = load_frames(data, split, frames, seed, data_dir)
-    graphs = graphs_of(fr, model)
-    check_rebuild(model, graphs[:10])
+    model, data, fr, graphs = load_model_and_data(model_spec, data, split, frames, seed, data_dir)
     out = output_dir(output, f"mlpot-study-latent-{model.kind}")
     x = pooled_features(model.potential, graphs, pool)
     if not np.isfinite(x).all():
