@@ -147,7 +147,7 @@ class _EnergyAndForces(torch.nn.Module):
         return out[keys.ENERGY], -grad, out[keys.NODE_ENERGY]
 
 
-def _example_graph(potential, sizes=(3, 2), seed: int = 0):
+def example_graph(potential, sizes=(3, 2), seed: int = 0):
     """Random molecules of the model's own elements, batched (atoms about 1 Å apart along a diagonal)."""
     from mlpot.data.graph import collate, make_graph
 
@@ -164,7 +164,7 @@ def _example_graph(potential, sizes=(3, 2), seed: int = 0):
 
 def _example_inputs(potential) -> tuple:
     """A small batch (5 atoms, 2 structures) to trace with."""
-    graph = _example_graph(potential)
+    graph = example_graph(potential)
     return tuple(graph[k] for k in AOTI_INPUTS)
 
 
@@ -172,7 +172,7 @@ def _verify_aoti(potential, path) -> None:
     """Run the compiled file on structures it was not traced with and compare with the eager model:
     a compiler that specialised a shape or miscompiled a kernel must not ship silent wrong numbers."""
     runner = torch._inductor.aoti_load_package(str(path))
-    graph = _example_graph(potential, sizes=(9, 4, 6), seed=1)
+    graph = example_graph(potential, sizes=(9, 4, 6), seed=1)
     expected = {key: value.detach() for key, value in potential(dict(graph)).items()}
     try:
         energy, forces, _ = runner(*(graph[k] for k in AOTI_INPUTS))

@@ -65,6 +65,9 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     num_threads: Optional[int] = None
+    # compile the energy-and-forces function for training steps (egnn, schnet): 1.5-3x faster steps on a
+    # CPU after a 20-60 s compile at the first step; falls back to eager with a warning if it cannot
+    compile: bool = False
 
 
 @dataclass
@@ -179,6 +182,10 @@ def config_from_dict(raw: dict, overrides: List[str] = ()) -> Config:
         raise ConfigError(f"data.index: rMD17 splits are numbered 1..5, got {config.data.index}")
     if config.train.batch_size < 1:
         raise ConfigError("train.batch_size must be at least 1")
+    from mlpot.train.compiled import COMPILE_KINDS
+
+    if config.train.compile and config.model.kind not in COMPILE_KINDS:
+        raise ConfigError(f"train.compile: supported for {', '.join(COMPILE_KINDS)}, not {config.model.kind}; set it to false")
     return config
 
 

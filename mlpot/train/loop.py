@@ -21,6 +21,7 @@ from mlpot.data.datasets import Frames, block_split, load_dataset, split_indices
 from mlpot.data.graph import Graph, collate, make_graph
 from mlpot.models import DTYPES as _DTYPES
 from mlpot.models import Potential, build_potential
+from mlpot.train.compiled import CompiledTraining
 from mlpot.train.config import Config, ConfigError
 from mlpot.train.metrics import error_metrics, format_metrics, predict
 
@@ -137,6 +138,15 @@ class EMA:
         self.decay = state["decay"]
         for n, v in state["shadow"].items():
             self.shadow[n].copy_(v)
+
+
+def make_optimizer(params, name: str = "adam", lr: float = 1e-3, weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    """Adam or AdamW; the fused implementation (one kernel for all weights) where torch has it for the
+    weights' device, which on a CPU saves ~0.5 ms per step over the per-tensor loop."""
+    cls = torch.optim.AdamW if name == "adamw" else torch.optim.Adam
+    params = list(params)
+    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+    return cls(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
 
 
 def _loss_fn(kind: str, delta: float):
@@ -281,8 +291,8 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> Dict[str,
     val_graphs = frames_to_graphs(val_frames, cfg.model.cutoff, dtype, device)
 
     params = [p for p in potential.parameters() if p.requires_grad]
-    opt_cls = torch.optim.AdamW if t.optimizer == "adamw" else torch.optim.Adam
-    optimizer = opt_cls(params, lr=t.lr, weight_decay=t.weight_decay)
+    optimizer = make_optimizer(params, t.optimizer, t.lr, t.weight_decay)
+    step_model = CompiledTraining(potential) if t.compile else potential
     scheduler = _make_scheduler(optimizer, cfg)
     ema = EMA(potential, t.ema_decay) if t.ema_decay else None
     loss_of = _loss_fn(t.loss, t.huber_delta)
@@ -301,6 +311,8 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> Dict[str,
         run_dir.mkdir(parents=True, exist_ok=True)
         _write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     writer = _tensorboard(run_dir) if main else None
+    if t.compile and main and progress:
+        tqdm.write("train.compile: the first training step traces and compiles the model (20-60 s on a CPU)")
     stopped = "epochs"
     for epoch in range(start_epoch, t.epochs):
         if t.max_time is not None and elapsed >= t.max_time:
@@ -324,7 +336,7 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> Dict[str,
         for step, idx in enumerate(bar):
             shard = idx[rank::world]
             batch = collate([train_graphs[i] for i in shard.tolist()])
-            out = potential(batch)
+            out = step_model(batch)
             e_err = (out[keys.ENERGY] - batch[keys.ENERGY_REF]) / batch[keys.NUM_ATOMS]
             f_err = out[keys.FORCES] - batch[keys.FORCES_REF]
             loss = t.energy_weight * loss_of(e_err) + t.forces_weight * loss_of(f_err)
