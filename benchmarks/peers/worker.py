@@ -13,8 +13,11 @@ Commands (one JSON object per line):
         -> per-call seconds of atoms.get_potential_energy(); atoms.get_forces() through the ASE calculator,
            positions displaced by N(0, 0.01 Å) noise around the GFN2-xTB minimum before every call
     {"cmd": "md", "molecule": ..., "dtype": ..., "steps": 100}         -> ASE VelocityVerlet steps per second
-    {"cmd": "train", "molecule": ..., "dtype": "float32", "steps": 10, "batch_size": 5}
-        -> training frames per second (energy + autograd forces, E+F loss, backward, Adam step) on rMD17 frames
+    {"cmd": "train", "molecule": ..., "dtype": "float32", "steps": 10, "batch_size": 5, "mode": "eager"}
+        -> training frames per second (energy + autograd forces, E+F loss, backward, Adam step) on rMD17 frames;
+           mode "compile" (mlpot's train.compile, NequIP's compile_mode: compile) where the implementation has
+           one (info's "train_modes"). The training state is kept per (molecule, dtype, mode): the first call
+           also reports the first step's seconds (the compile time), later calls continue training
     {"cmd": "flops", "molecule": ..., "dtype": ...}      -> FLOPs of one eager energy+forces call (FlopCounterMode)
     {"cmd": "quit"}
 
@@ -173,11 +176,13 @@ class Impl:
     name = "?"
     model_kind = "egnn"
     compare_with = "mlpot-egnn"
+    TRAIN_MODES = ("eager",)  # how the implementation's own trainer can run a training step
 
     def __init__(self, args):
         self.args = args
         self.calcs = {}
         self.prepared = {}
+        self.trainers = {}
 
     # --- to implement ---
     def prepare(self, dtype: str) -> dict:
@@ -189,7 +194,7 @@ class Impl:
     def info(self) -> dict:
         raise NotImplementedError
 
-    def train_setup(self, molecule: str, dtype: str, batch_size: int):
+    def train_setup(self, molecule: str, dtype: str, batch_size: int, mode: str = "eager"):
         """(step function running one optimisation step on the next batch, number of frames per step)."""
         raise NotImplementedError
 
@@ -262,8 +267,19 @@ class Impl:
         return {"steps_per_s": steps / elapsed, "steps": steps, "seconds": elapsed,
                 "finite": bool(np.isfinite(atoms.positions).all())}
 
-    def train(self, molecule: str, dtype: str, steps: int, batch_size: int = 5, warmup: int = 2) -> dict:
-        step, frames_per_step = self.train_setup(molecule, dtype, batch_size)
+    def train(self, molecule: str, dtype: str, steps: int, batch_size: int = 5, warmup: int = 2,
+              mode: str = "eager") -> dict:
+        if mode not in self.TRAIN_MODES:
+            raise ValueError(f"{self.name} has no training mode {mode!r} ({', '.join(self.TRAIN_MODES)})")
+        key = (molecule, dtype, batch_size, mode)
+        first_step_s = None
+        if key not in self.trainers:
+            step, frames_per_step = self.train_setup(molecule, dtype, batch_size, mode)
+            tic = time.perf_counter()
+            step()  # compiles, where the mode compiles
+            first_step_s = time.perf_counter() - tic
+            self.trainers[key] = step, frames_per_step
+        step, frames_per_step = self.trainers[key]
         for _ in range(warmup):
             step()
         times = []
@@ -275,7 +291,8 @@ class Impl:
         times.sort()
         median = times[len(times) // 2]
         return {"frames_per_s": frames_per_step / median, "frames_per_s_mean": frames_per_step * steps / sum(times),
-                "step_times": times, "batch_size": frames_per_step, "loss_finite": all(math.isfinite(x) for x in losses)}
+                "step_times": times, "batch_size": frames_per_step, "loss_finite": all(math.isfinite(x) for x in losses),
+                "first_step_s": first_step_s, "mode": mode, "status": getattr(step, "status", lambda: None)()}
 
     def flops(self, molecule: str, dtype: str) -> dict:
         fn = self.eager_energy_forces(molecule, dtype)
@@ -287,6 +304,8 @@ class Impl:
 # mlpot
 # ======================================================================================
 class MLPot(Impl):
+    TRAIN_MODES = ("eager", "compile")  # mlpot-train's train.compile false / true (the recipes use true)
+
     def __init__(self, args):
         super().__init__(args)
         self.model_kind = args.model
@@ -383,10 +402,12 @@ class MLPot(Impl):
             "git": git_describe(),
         }
 
-    def train_setup(self, molecule, dtype, batch_size):
+    def train_setup(self, molecule, dtype, batch_size, mode="eager"):
         import torch
         from mlpot import keys
         from mlpot.data.graph import collate, make_graph
+        from mlpot.train.compiled import CompiledTraining
+        from mlpot.train.loop import make_optimizer
 
         torch.manual_seed(0)
         pot = self.potential(dtype)
@@ -400,9 +421,11 @@ class MLPot(Impl):
             g[keys.ENERGY_REF] = torch.tensor([a.get_potential_energy()], dtype=getattr(torch, dtype))
             g[keys.FORCES_REF] = torch.as_tensor(a.get_forces(), dtype=getattr(torch, dtype))
             graphs.append(g)
-        # the per-species shift of the recipe (least squares on composition); only sets the loss scale
-        optimizer = torch.optim.Adam(pot.parameters(), lr=1e-4)
+        # as mlpot-train builds them: its optimizer (fused Adam) and, with train.compile, its compiled step
+        optimizer = make_optimizer(pot.parameters(), "adam", lr=1e-4)
+        model = CompiledTraining(pot) if mode == "compile" else pot
         state = {"i": 0}
+        # the per-species shift of the recipe (least squares on composition); only sets the loss scale
         mean_e = sum(a.get_potential_energy() for a in frames) / len(frames)
         with torch.no_grad():
             pot.energy_shift.fill_(mean_e / len(frames[0]))
@@ -411,11 +434,13 @@ class MLPot(Impl):
             i = state["i"]
             batch = collate([graphs[(i + k) % len(graphs)] for k in range(batch_size)])
             state["i"] = i + batch_size
-            out = pot(batch)
+            out = model(batch)
             e_err = (out[keys.ENERGY] - batch[keys.ENERGY_REF]) / batch[keys.NUM_ATOMS]
             f_err = out[keys.FORCES] - batch[keys.FORCES_REF]
             return optimizer_step(optimizer, e_err, f_err)
 
+        if mode == "compile":  # reported with the timings: a compile that fell back to eager must show
+            step.status = lambda: "compiled" if model.active else f"eager fallback: {model.failed}"
         return step, batch_size
 
     def eager_energy_forces(self, molecule, dtype):
@@ -554,6 +579,7 @@ global_options:
 
 
 class NequIP(Impl):
+    TRAIN_MODES = ("eager", "compile")  # its model's compile_mode
     name = "nequip"
 
     def dir(self, dtype: str) -> Path:
@@ -600,14 +626,16 @@ class NequIP(Impl):
         return NequIPCalculator.from_compiled_model(str(self.dir(dtype) / "model.nequip.pt2"), device="cpu",
                                                     chemical_species_to_atom_type_map=True)
 
-    def eager_model(self, dtype: str):
+    def eager_model(self, dtype: str, mode: str = "eager"):
+        """The trained model as NequIP's trainer builds it: ``eager``, or ``compile`` (its train-time
+        torch.compile: make_fx of the forces, then torch.compile with dynamic shapes)."""
         from nequip.model.saved_models.load_utils import load_saved_model
         from nequip.utils.global_state import global_state_initialized, set_global_state
 
         self.ensure(dtype)
         if not global_state_initialized():
             set_global_state(allow_tf32=False)
-        return load_saved_model(str(self.dir(dtype) / "train" / "last.ckpt"), "eager")
+        return load_saved_model(str(self.dir(dtype) / "train" / "last.ckpt"), mode)
 
     def info(self) -> dict:
         import torch
@@ -636,12 +664,12 @@ class NequIP(Impl):
             out.append(d)
         return out
 
-    def train_setup(self, molecule, dtype, batch_size):
+    def train_setup(self, molecule, dtype, batch_size, mode="eager"):
         import torch
         from nequip.data import AtomicDataDict
 
         torch.manual_seed(0)
-        model = self.eager_model(dtype)
+        model = self.eager_model(dtype, mode)
         model.train()
         frames = rmd17_frames(molecule, 50)
         data = self._data(frames, dtype)
@@ -756,7 +784,7 @@ class MACE(Impl):
             items = [mdata.AtomicData.from_config(c, z_table=z_table, cutoff=CUTOFF) for c in configs]
         return items, torch_geometric
 
-    def train_setup(self, molecule, dtype, batch_size):
+    def train_setup(self, molecule, dtype, batch_size, mode="eager"):
         import torch
 
         torch.manual_seed(0)
@@ -908,7 +936,7 @@ class SchNetPack(Impl):
         conv = AtomsConverter(neighbor_list=self.neighbor_list(), device="cpu", dtype=getattr(torch, dtype))
         return conv
 
-    def train_setup(self, molecule, dtype, batch_size):
+    def train_setup(self, molecule, dtype, batch_size, mode="eager"):
         import schnetpack.properties as P
         import torch
         from schnetpack.data.loader import _atoms_collate_fn
@@ -992,7 +1020,7 @@ def main() -> None:
             if cmd == "quit":
                 break
             if cmd == "info":
-                res = impl.info()
+                res = dict(impl.info(), train_modes=list(impl.TRAIN_MODES))
             elif cmd == "prepare":
                 res = impl.ensure(req["dtype"])
             elif cmd == "latency":
@@ -1001,7 +1029,8 @@ def main() -> None:
             elif cmd == "md":
                 res = impl.md(req["molecule"], req["dtype"], int(req["steps"]))
             elif cmd == "train":
-                res = impl.train(req["molecule"], req["dtype"], int(req["steps"]), int(req.get("batch_size", 5)))
+                res = impl.train(req["molecule"], req["dtype"], int(req["steps"]), int(req.get("batch_size", 5)),
+                                 mode=req.get("mode", "eager"))
             elif cmd == "flops":
                 res = impl.flops(req["molecule"], req["dtype"])
             else:

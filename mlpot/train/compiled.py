@@ -67,13 +67,17 @@ class CompiledTraining:
         self.verify = verify
         self.failed: Optional[str] = unsupported_reason(potential)
         self._function = None
+        # the weights and buffers, read once (walking the module tree costs ~0.2 ms a step for an egnn);
+        # training updates them in place. Replacing them (``.to()``, ``load_state_dict(assign=True)``)
+        # needs a new CompiledTraining.
+        self._tensors: List[torch.Tensor] = []
 
     @property
     def active(self) -> bool:
         return self.failed is None
 
     def _state(self) -> List[torch.Tensor]:
-        return [t for _, t in self._named_state()]
+        return self._tensors or [t for _, t in self._named_state()]
 
     def _named_state(self):
         yield from (("potential." + n, p) for n, p in self.potential.named_parameters())
@@ -100,6 +104,7 @@ class CompiledTraining:
         with fx_config.patch(use_duck_shape=False):
             traced = make_fx(function, tracing_mode="symbolic", _allow_non_fake_inputs=True)(state, *inputs)
         _reattach_saved_outputs(traced)
+        self._tensors = self._state()
         # weights static, counts dynamic (marked on every call)
         self._function = torch.compile(traced)
 
