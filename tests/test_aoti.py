@@ -1,6 +1,5 @@
 """The AOTInductor deploy format: torch.export + AOTInductor with forces inside, loaded by the same calculator."""
 
-import json
 import subprocess
 import sys
 import textwrap

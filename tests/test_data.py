@@ -1,7 +1,6 @@
 """Tests for mlpot.units and mlpot.data.datasets (readers, named datasets, downloads, splits)."""
 
 import hashlib
-import os
 import zipfile
 from pathlib import Path
 

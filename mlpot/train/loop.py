@@ -20,7 +20,7 @@ from mlpot.data import datasets
 from mlpot.data.datasets import Frames, block_split, load_dataset, split_indices
 from mlpot.data.graph import Graph, collate, make_graph
 from mlpot.models import DTYPES as _DTYPES
-from mlpot.models import Potential, build_potential
+from mlpot.models import build_potential
 from mlpot.train.compiled import CompiledTraining
 from mlpot.train.config import Config, ConfigError
 from mlpot.train.metrics import error_metrics, format_metrics, predict

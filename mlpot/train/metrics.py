@@ -3,7 +3,6 @@
 from typing import Dict, List
 
 import numpy as np
-import torch
 
 from mlpot import keys
 from mlpot.data.graph import Graph, collate

@@ -26,7 +26,7 @@ from mlpot.data.datasets import read_frames
 from mlpot.train.config import ConfigError, config_from_dict
 
 from robustness_helpers import (
-    HPARAMS, SHIFTS, make_config, perturbed_ethanol, quiet_torchscript, tiny_potential, tmp_files, write_sgdml_npz,
+    SHIFTS, make_config, perturbed_ethanol, quiet_torchscript, tiny_potential, tmp_files, write_sgdml_npz,
     write_yaml,
 )
 
