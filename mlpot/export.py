@@ -128,12 +128,14 @@ def save(potential, path, format: str = "torchscript", **extra) -> dict:
     return meta
 
 
-class _EnergyAndForces(torch.nn.Module):
-    """The function AOTInductor compiles: flat tensors in, (energy, forces, node energy) out."""
+class EnergyAndForces(torch.nn.Module):
+    """The function AOTInductor compiles, and compiled training traces: the tensors of ``AOTI_INPUTS`` in,
+    (energy, forces, node energy) out. ``create_graph=True`` keeps the forces' autograd graph (for a force loss)."""
 
-    def __init__(self, potential):
+    def __init__(self, potential, create_graph: bool = False):
         super().__init__()
         self.potential = potential
+        self.create_graph = create_graph
 
     def forward(self, pos, atomic_numbers, edge_index, shift, batch, num_atoms, pair_edge, edge_pair):
         graph = {
@@ -141,10 +143,21 @@ class _EnergyAndForces(torch.nn.Module):
             keys.SHIFT: shift, keys.BATCH: batch, keys.NUM_ATOMS: num_atoms, keys.PAIR_EDGE: pair_edge,
             keys.EDGE_PAIR: edge_pair,
         }
-        # the species check is data-dependent control flow, which tracing cannot keep: the loader checks
+        # the species check is data-dependent control flow, which tracing cannot keep: callers check
         out = self.potential._energy(graph, pos, check_species=False)
-        (grad,) = torch.autograd.grad([out[keys.ENERGY].sum()], [pos])
+        (grad,) = torch.autograd.grad([out[keys.ENERGY].sum()], [pos], create_graph=self.create_graph)
         return out[keys.ENERGY], -grad, out[keys.NODE_ENERGY]
+
+
+def output_disagreement(energy, forces, expected_energy, expected_forces, rtol: float) -> str:
+    """'' when compiled energies and forces match the model's to ``rtol`` (relative to the largest force,
+    and for energies to the largest energy plus that), else by how much they differ."""
+    scale = float(expected_forces.detach().abs().max()) + 1e-12
+    force_error = float((forces - expected_forces).detach().abs().max())
+    energy_error = float((energy - expected_energy).detach().abs().max())
+    if force_error <= rtol * scale and energy_error <= rtol * (float(expected_energy.detach().abs().max()) + scale):
+        return ""
+    return f"energy by {energy_error:.2e} eV, forces by {force_error:.2e} eV/Å"
 
 
 def example_graph(potential, sizes=(3, 2), seed: int = 0):
@@ -178,15 +191,13 @@ def _verify_aoti(potential, path) -> None:
         energy, forces, _ = runner(*(graph[k] for k in AOTI_INPUTS))
     except RuntimeError as err:
         raise RuntimeError(f"the AOTInductor build of this {potential.kind} model fails on new structures ({err})") from None
-    scale = float(expected[keys.FORCES].abs().max()) + 1e-12
     rtol = 1e-8 if expected[keys.FORCES].dtype == torch.float64 else 1e-3
-    force_error = float((forces - expected[keys.FORCES]).abs().max())
-    energy_error = float((energy - expected[keys.ENERGY]).abs().max())
-    if force_error > rtol * scale or energy_error > rtol * (float(expected[keys.ENERGY].abs().max()) + scale):
+    problem = output_disagreement(energy, forces, expected[keys.ENERGY], expected[keys.FORCES], rtol)
+    if problem:
         raise RuntimeError(
             f"the AOTInductor build of this {potential.kind} model disagrees with the model itself on new "
-            f"structures (energy by {energy_error:.2e} eV, forces by {force_error:.2e} eV/Å): a compiler "
-            f"problem in torch {torch.__version__}; deploy it in the torchscript format instead"
+            f"structures ({problem}): a compiler problem in torch {torch.__version__}; deploy it in the "
+            f"torchscript format instead"
         )
 
 
@@ -198,7 +209,7 @@ def _save_aoti(potential, path, meta: dict) -> None:
     from torch.export import Dim
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    function = _EnergyAndForces(_frozen_copy(potential))
+    function = EnergyAndForces(_frozen_copy(potential))
     for param in function.parameters():
         param.requires_grad_(False)
     inputs = list(_example_inputs(potential))

@@ -5,6 +5,9 @@ The two real compiles (schnet, egnn) take ~15-30 s each on 2 cores; the other te
 ``torch.compile`` by the identity, which runs the traced graph itself.
 """
 
+import contextlib
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -61,20 +64,14 @@ def test_compiled_step_equals_eager(kind):
     assert step_model._function is not None
 
 
-class _no_compile_warning:
+@contextlib.contextmanager
+def _no_compile_warning():
     """Fails the test if a train.compile fallback warning is raised."""
-
-    def __enter__(self):
-        import warnings
-
-        self._catch = warnings.catch_warnings(record=True)
-        self._records = self._catch.__enter__()
+    with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-
-    def __exit__(self, *exc):
-        self._catch.__exit__(*exc)
-        fallbacks = [str(w.message) for w in self._records if "train.compile" in str(w.message)]
-        assert not fallbacks, fallbacks
+        yield
+    fallbacks = [str(w.message) for w in caught if "train.compile" in str(w.message)]
+    assert not fallbacks, fallbacks
 
 
 @pytest.fixture

@@ -16,17 +16,17 @@ import warnings
 from typing import Dict, List, Optional
 
 import torch
+from torch.fx.experimental import _config as fx_config
 
 from mlpot import keys
+from mlpot.export import AOTI_INPUTS as INPUTS
+from mlpot.export import EnergyAndForces, example_graph, output_disagreement
 
 # kinds whose energy-and-forces function traces with dynamic shapes (PyG's GCN normalisation has
 # data-dependent shapes)
 COMPILE_KINDS = ("egnn", "schnet")
-INPUTS = (
-    keys.POSITIONS, keys.ATOMIC_NUMBERS, keys.EDGE_INDEX, keys.SHIFT, keys.BATCH, keys.NUM_ATOMS,
-    keys.PAIR_EDGE, keys.EDGE_PAIR,
-)
-# the dimension of each input that changes from batch to batch (atoms, edges, structures, pairs)
+# the dimension of each input (export.AOTI_INPUTS) that changes from batch to batch: atoms, edges,
+# structures, pairs
 DYNAMIC_DIM = (0, 0, 1, 0, 0, 0, 0, 0)
 
 
@@ -37,20 +37,6 @@ def unsupported_reason(potential) -> Optional[str]:
     if getattr(potential.model, "use_e3nn", False):
         return "this egnn runs e3nn's own layers (parity true with both parities mixed), which are not traced"
     return None
-
-
-class _EnergyForces(torch.nn.Module):
-    """(positions, graph tensors) -> (energy, forces, node energy), forces keeping their autograd graph."""
-
-    def __init__(self, potential):
-        super().__init__()
-        self.potential = potential
-
-    def forward(self, pos, *rest):
-        graph = dict(zip(INPUTS, (pos,) + rest))
-        out = self.potential._energy(graph, pos, check_species=False)
-        (grad,) = torch.autograd.grad([out[keys.ENERGY].sum()], [pos], create_graph=True)
-        return out[keys.ENERGY], -grad, out[keys.NODE_ENERGY]
 
 
 class CompiledTraining:
@@ -67,50 +53,39 @@ class CompiledTraining:
         self.verify = verify
         self.failed: Optional[str] = unsupported_reason(potential)
         self._function = None
-        # the weights and buffers, read once (walking the module tree costs ~0.2 ms a step for an egnn);
-        # training updates them in place. Replacing them (``.to()``, ``load_state_dict(assign=True)``)
-        # needs a new CompiledTraining.
+        # the weights and buffers, read once at the build (walking the module tree costs ~0.2 ms a step
+        # for an egnn); training updates them in place. Replacing them (``.to()``,
+        # ``load_state_dict(assign=True)``) needs a new CompiledTraining.
         self._tensors: List[torch.Tensor] = []
 
     @property
     def active(self) -> bool:
         return self.failed is None
 
-    def _state(self) -> List[torch.Tensor]:
-        return self._tensors or [t for _, t in self._named_state()]
-
-    def _named_state(self):
-        yield from (("potential." + n, p) for n, p in self.potential.named_parameters())
-        yield from (("potential." + n, b) for n, b in self.potential.named_buffers())
-
     def _build(self) -> None:
-        from torch.fx.experimental import _config as fx_config
         from torch.fx.experimental.proxy_tensor import make_fx
 
-        from mlpot.export import example_graph
+        module = EnergyAndForces(self.potential, create_graph=True)
+        named = [*module.named_parameters(), *module.named_buffers()]
+        names = [n for n, _ in named]
+        self._tensors = [t for _, t in named]
 
-        module = _EnergyForces(self.potential)
-        names = [n for n, _ in self._named_state()]
-
-        def function(state, pos, *rest):
-            return torch.func.functional_call(module, dict(zip(names, state)), (pos, *rest), strict=True)
+        def function(state, *inputs):
+            return torch.func.functional_call(module, dict(zip(names, state)), inputs, strict=True)
 
         # trace on a batch whose counts are at least 2 (sizes 0 and 1 would be fixed in the trace), each
         # count its own symbol even where two happen to be equal (no "duck" sizes)
         graph = example_graph(self.potential, sizes=(7, 6, 5))
         inputs = [graph[k] for k in INPUTS]
         inputs[0] = inputs[0].clone().requires_grad_(True)
-        state = [t.detach().requires_grad_(t.requires_grad) for t in self._state()]
+        state = [t.detach().requires_grad_(t.requires_grad) for t in self._tensors]
         with fx_config.patch(use_duck_shape=False):
             traced = make_fx(function, tracing_mode="symbolic", _allow_non_fake_inputs=True)(state, *inputs)
         _reattach_saved_outputs(traced)
-        self._tensors = self._state()
         # weights static, counts dynamic (marked on every call)
         self._function = torch.compile(traced)
 
     def _run(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        from torch.fx.experimental import _config as fx_config
-
         inputs = [batch[k] for k in INPUTS]
         inputs[0] = inputs[0].detach()
         for tensor, dim in zip(inputs, DYNAMIC_DIM):
@@ -118,7 +93,7 @@ class CompiledTraining:
         # counts that happen to be equal in one batch must not be tied together in the compiled code
         # (each new coincidence would cost a recompile)
         with fx_config.patch(use_duck_shape=False):
-            energy, forces, node_energy = self._function(self._state(), *inputs)
+            energy, forces, node_energy = self._function(self._tensors, *inputs)
         out = dict(batch)
         out[keys.ENERGY], out[keys.FORCES], out[keys.NODE_ENERGY] = energy, forces, node_energy
         return out
@@ -183,12 +158,9 @@ def _disagreement(out, expected, weights: List[torch.Tensor]) -> str:
     else what differs. Uses up ``out``'s autograd graph; keeps ``expected``'s."""
     forces = expected[keys.FORCES]
     rtol = 1e-7 if forces.dtype == torch.float64 else 1e-3
-    scale_f = float(forces.detach().abs().max()) + 1e-12
-    scale_e = float(expected[keys.ENERGY].detach().abs().max()) + scale_f
-    df = float((out[keys.FORCES] - forces).detach().abs().max())
-    de = float((out[keys.ENERGY] - expected[keys.ENERGY]).detach().abs().max())
-    if not (df <= rtol * scale_f and de <= rtol * scale_e):
-        return f"energy by {de:.2e} eV, forces by {df:.2e} eV/Å"
+    problem = output_disagreement(out[keys.ENERGY], out[keys.FORCES], expected[keys.ENERGY], forces, rtol)
+    if problem:
+        return problem
     gen = torch.Generator().manual_seed(0)
     probe_f = torch.randn(forces.shape, generator=gen, dtype=forces.dtype).to(forces.device)
     probe_e = torch.randn(expected[keys.ENERGY].shape, generator=gen, dtype=forces.dtype).to(forces.device)
