@@ -695,10 +695,38 @@ class NequIP(Impl):
         return lambda: model(dict(data))
 
 
+class PickledModel(Impl):
+    """A peer whose model file is the pickled module its own training writes (MACE's ``.model``,
+    SchNetPack's ``best_model``): built once by ``build()``, saved at ``path()``, loaded for training."""
+
+    def path(self) -> Path:
+        raise NotImplementedError
+
+    def build(self):
+        raise NotImplementedError
+
+    def prepare(self, dtype: str) -> dict:
+        import torch
+
+        path = self.path()
+        if path.is_file():
+            return {"seconds": 0.0, "cached": True, "file": str(path)}
+        tic = time.perf_counter()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(self.build(), path)
+        return {"seconds": time.perf_counter() - tic, "cached": False, "file": str(path)}
+
+    def loaded(self, dtype: str):
+        import torch
+
+        self.ensure(dtype)
+        return torch.load(self.path(), map_location="cpu", weights_only=False).to(getattr(torch, dtype))
+
+
 # ======================================================================================
 # MACE: ScaleShiftMACE built in Python, torch.save'd (the .model file MACE's tools write) -> MACECalculator
 # ======================================================================================
-class MACE(Impl):
+class MACE(PickledModel):
     name = "mace"
 
     def path(self) -> Path:
@@ -736,28 +764,10 @@ class MACE(Impl):
             )
         return model
 
-    def prepare(self, dtype: str) -> dict:
-        import torch
-
-        path = self.path()
-        if path.is_file():
-            return {"seconds": 0.0, "cached": True, "file": str(path)}
-        tic = time.perf_counter()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(self.build(), path)
-        return {"seconds": time.perf_counter() - tic, "cached": False, "file": str(path)}
-
     def calculator(self, dtype: str):
         from mace.calculators import MACECalculator
 
         return MACECalculator(model_paths=str(self.path()), device="cpu", default_dtype=dtype)
-
-    def loaded(self, dtype: str):
-        import torch
-
-        self.ensure(dtype)
-        model = torch.load(self.path(), map_location="cpu", weights_only=False)
-        return model.to(getattr(torch, dtype))
 
     def info(self) -> dict:
         import torch
@@ -853,7 +863,7 @@ def patch_torch_for_schnetpack():
         dl.T_co = typing.TypeVar("T_co", covariant=True)
 
 
-class SchNetPack(Impl):
+class SchNetPack(PickledModel):
     name = "schnetpack"
     model_kind = "schnet"
     compare_with = "mlpot-schnet"
@@ -890,17 +900,6 @@ class SchNetPack(Impl):
                             spk.atomistic.Forces(energy_key="energy", force_key="forces")],
         )
 
-    def prepare(self, dtype: str) -> dict:
-        import torch
-
-        path = self.path()
-        if path.is_file():
-            return {"seconds": 0.0, "cached": True, "file": str(path)}
-        tic = time.perf_counter()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(self.build(), path)
-        return {"seconds": time.perf_counter() - tic, "cached": False, "file": str(path)}
-
     def calculator(self, dtype: str):
         import torch
         from schnetpack.interfaces import SpkCalculator
@@ -908,12 +907,6 @@ class SchNetPack(Impl):
         return SpkCalculator(model_file=str(self.path()), neighbor_list=self.neighbor_list(), energy_key="energy",
                              force_key="forces", energy_unit="eV", position_unit="Angstrom", device="cpu",
                              dtype=getattr(torch, dtype))
-
-    def loaded(self, dtype: str):
-        import torch
-
-        self.ensure(dtype)
-        return torch.load(self.path(), map_location="cpu", weights_only=False).to(getattr(torch, dtype))
 
     def info(self) -> dict:
         import torch
