@@ -1,5 +1,6 @@
 """The fused EGNN layers (mlpot.nn.equivariant) against e3nn's modules evaluated path by path."""
 
+import contextlib
 import itertools
 
 import numpy as np
@@ -10,6 +11,7 @@ from e3nn import o3
 from mlpot import keys
 from mlpot.data.graph import make_graph
 from mlpot.models import build_potential
+from mlpot.models.egnn import unrolled_products
 
 from conftest import perturbed_ethanol
 
@@ -21,10 +23,12 @@ def ethanol_graph(dtype=torch.float64):
     return make_graph(atoms.numbers, atoms.positions, 4.0, dtype=dtype)
 
 
-def both_paths(potential, graph):
-    """(fused output, e3nn output) of the same weights on the same graph."""
+def both_paths(potential, graph, unrolled=False):
+    """(fused output, e3nn output) of the same weights on the same graph; ``unrolled``: the fused layers'
+    form for compiled training (sums of outer products over the nonzero Wigner 3j blocks)."""
     potential.model.use_e3nn = False
-    fused = potential(graph)
+    with unrolled_products(potential) if unrolled else contextlib.nullcontext():
+        fused = potential(graph)
     potential.model.use_e3nn = True
     reference = potential(graph)
     return fused, reference
@@ -39,8 +43,9 @@ def float64_default():
     torch.set_default_dtype(previous)
 
 
+@pytest.mark.parametrize("unrolled", [False, True], ids=["dense", "unrolled"])
 @pytest.mark.parametrize("lmax,parity", CASES)
-def test_fused_layers_equal_e3nn(lmax, parity, float64_default):
+def test_fused_layers_equal_e3nn(lmax, parity, unrolled, float64_default):
     torch.manual_seed(lmax)
     potential = build_potential(
         "egnn", [1, 6, 8], 4.0, torch.float64, num_features=6, lmax=lmax, num_layers=3, radial_hidden=12, parity=parity
@@ -52,7 +57,7 @@ def test_fused_layers_equal_e3nn(lmax, parity, float64_default):
         assert potential.model.use_e3nn
         return
     graph = ethanol_graph()
-    fused, reference = both_paths(potential, graph)
+    fused, reference = both_paths(potential, graph, unrolled)
     for key in (keys.ENERGY, keys.FORCES, keys.NODE_FEATURES):
         assert torch.allclose(fused[key], reference[key], rtol=1e-10, atol=1e-12), key
 
@@ -61,11 +66,13 @@ def test_fused_tables_stay_exact_when_converted_to_float64():
     """Built in float32 then converted: the fused tables come from float64 originals, not float32 roundings."""
     potential = build_potential("egnn", [1, 6, 8], 4.0, torch.float32, num_features=4, lmax=2, num_layers=1, parity=False)
     layer = potential.to(torch.float64).model.layers[0]
-    assert layer.coupling.dtype == torch.float64
-    assert torch.equal(layer.coupling, layer._tables64["coupling"])
+    for name in ("coupling", "grouped"):
+        assert getattr(layer, name).dtype == torch.float64
+        assert torch.equal(getattr(layer, name), layer._tables64[name])
 
 
-def test_fused_layers_train_like_e3nn(float64_default):
+@pytest.mark.parametrize("unrolled", [False, True], ids=["dense", "unrolled"])
+def test_fused_layers_train_like_e3nn(unrolled, float64_default):
     """Parameter gradients of a force loss agree, so training the fused model trains the same model."""
     torch.manual_seed(0)
     potential = build_potential("egnn", [1, 6, 8], 4.0, torch.float64, num_features=6, lmax=2, num_layers=2, parity=False)
@@ -75,7 +82,8 @@ def test_fused_layers_train_like_e3nn(float64_default):
     for use_e3nn in (False, True):
         potential.model.use_e3nn = use_e3nn
         potential.zero_grad()
-        out = potential(graph)
+        with unrolled_products(potential) if unrolled and not use_e3nn else contextlib.nullcontext():
+            out = potential(graph)
         (out[keys.ENERGY].sum() + (out[keys.FORCES] ** 2).sum()).backward()
         grads.append({n: p.grad.clone() for n, p in potential.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
@@ -136,3 +144,15 @@ def test_freeze_precomputes_and_train_undoes_it():
     with torch.no_grad():
         potential.model.layers[0].linear_out.weight.mul_(1.5)  # a training step: must be seen, not a stale copy
     assert not torch.allclose(potential(graph)[keys.FORCES], before)
+
+
+def test_unrolled_products_is_scoped():
+    """The unrolled form is on only inside the block (TorchScript and AOTInductor keep the dense one)."""
+    potential = build_potential("egnn", [1, 6, 8], 4.0, torch.float64, num_features=4, lmax=2, num_layers=2, parity=False)
+    layers = potential.model.layers
+    with unrolled_products(potential):
+        assert all(layer.unrolled for layer in layers)
+    assert not any(layer.unrolled for layer in layers)
+    with pytest.raises(RuntimeError), unrolled_products(potential):
+        raise RuntimeError
+    assert not any(layer.unrolled for layer in layers)

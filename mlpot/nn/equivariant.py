@@ -43,42 +43,75 @@ def irrep_runs(irreps: o3.Irreps) -> List[Tuple[int, int, int]]:
     return runs
 
 
-def tensor_product_table(tp: o3.TensorProduct) -> Tuple[Tensor, Tensor]:
+def path_order(tp: o3.TensorProduct) -> List[int]:
+    """The output slots of ``tp`` reordered so that, within each run of equal output irreps, the paths
+    from the same input irrep are adjacent (stable in the slot index): ``order[position] = slot``."""
+    in1_of_slot = {ins.i_out: ins.i_in1 for ins in tp.instructions}
+    order: List[int] = []
+    for start, count, _ in irrep_runs(tp.irreps_out):
+        order += sorted(range(start, start + count), key=lambda s: (in1_of_slot.get(s, -1), s))
+    return order
+
+
+def tensor_product_table(tp: o3.TensorProduct) -> Tuple[Tensor, Tensor, Tensor, List[int]]:
     """For a ``uvu`` tensor product of (mul x irreps_in1) with (1 x irreps_in2) and per-edge weights.
 
-    Returns ``coupling`` (M2, K * M1): Wigner 3j symbols times path weights, such that
-    ``(y @ coupling).view(-1, K, M1) @ x_blocked`` is every path's output (before its weight),
-    stacked along K; ``weight_columns`` (P * U,): the columns of the flat per-edge weights in the
-    order of the output irreps (slots), so that a run's weights are one contiguous block.
-    Rows follow ``tp.irreps_out``, except that within each run of equal irreps they go m-major
-    (m, then path): a run's rows then view as (N, 2l+1, paths * U) with no copy.
+    Output irreps come in :func:`path_order` (within each run of equal irreps, the paths from one input
+    irrep are adjacent). Returns:
+
+    - ``coupling`` (M2, K * M1): Wigner 3j symbols times path weights, such that
+      ``(y @ coupling).view(-1, K, M1) @ x_blocked`` is every path's output (before its weight), stacked
+      along K. Within each run of equal irreps the rows go m-major (m, then path): a run's rows then
+      view as (N, 2l+1, paths * U) with no copy.
+    - ``grouped`` (M2, columns) and ``groups`` (5 ints per group: first slot of its run, first column,
+      rows D * P, first input row r1, input rows k1): the same products split by input irrep, so that
+      only the nonzero Wigner 3j blocks are multiplied (about a third of ``coupling`` for l <= 2). A group
+      of P paths into irreps of dim D gives ``sum_k (y @ grouped[:, col + k * D * P : col + (k + 1) * D * P])
+      [..., None] * x_blocked[:, r1 + k, None]`` of shape (E, D * P, U), rows m-major.
+    - ``weight_columns`` (P * U,): the columns of the flat per-edge weights in path order, so that the
+      weights of a run are one contiguous block.
     """
     rows1, rows2, rows_out = block_rows(tp.irreps_in1), block_rows(tp.irreps_in2), block_rows(tp.irreps_out)
     m1, m2, k = rows1[-1], rows2[-1], rows_out[-1]
     coupling = torch.zeros(m1, m2, k, dtype=torch.float64)
-    path_of_row = torch.full((k,), -1, dtype=torch.long)
+    path_of_slot = [-1] * len(tp.irreps_out)
+    in1_of_slot = [-1] * len(tp.irreps_out)
     for p, ins in enumerate(tp.instructions):
         if ins.connection_mode != "uvu" or tp.irreps_in2[ins.i_in2].mul != 1:
             raise ValueError("only uvu tensor products with a multiplicity-1 second input can be fused")
         l1, l2, l3 = (tp.irreps_in1[ins.i_in1].ir.l, tp.irreps_in2[ins.i_in2].ir.l, tp.irreps_out[ins.i_out].ir.l)
+        if path_of_slot[ins.i_out] >= 0:
+            raise ValueError("fusing needs one tensor-product path per output irrep")
         w3j = o3.wigner_3j(l1, l2, l3, dtype=torch.float64) * ins.path_weight
         out = slice(rows_out[ins.i_out], rows_out[ins.i_out + 1])
-        if bool((path_of_row[out] >= 0).any()):
-            raise ValueError("fusing needs one tensor-product path per output irrep")
         coupling[rows1[ins.i_in1] : rows1[ins.i_in1 + 1], rows2[ins.i_in2] : rows2[ins.i_in2 + 1], out] += w3j
-        path_of_row[out] = p
-    if bool((path_of_row < 0).any()):
+        path_of_slot[ins.i_out], in1_of_slot[ins.i_out] = p, ins.i_in1
+    if min(path_of_slot) < 0:
         raise ValueError("every output irrep of a fused tensor product needs a path")
-    order = []
+    order = path_order(tp)
+    dense_rows: List[Tensor] = []
+    columns: List[Tensor] = []
+    groups: List[int] = []
+    col = 0
     for start, count, dim in irrep_runs(tp.irreps_out):
-        rows = torch.arange(rows_out[start], rows_out[start + count]).view(count, dim)
-        order.append(rows.t().reshape(-1))
-    order = torch.cat(order)
+        run = order[start : start + count]
+        dense_rows.append(torch.stack([torch.arange(rows_out[s], rows_out[s + 1]) for s in run], 1).reshape(-1))
+        g = 0
+        while g < count:
+            i_in1 = in1_of_slot[run[g]]
+            members = [s for s in run[g:] if in1_of_slot[s] == i_in1]
+            rows = torch.stack([torch.arange(rows_out[s], rows_out[s + 1]) for s in members], 1).reshape(-1)
+            first_row, k1 = rows1[i_in1], rows1[i_in1 + 1] - rows1[i_in1]
+            block = coupling[first_row : first_row + k1, :, rows]  # (k1, M2, D * P)
+            columns.append(block.permute(1, 0, 2).reshape(m2, -1))
+            groups += [start, col, rows.numel(), first_row, k1]
+            col += rows.numel() * k1
+            g += len(members)
     mul = tp.irreps_in1[0].mul
-    path_of_slot = [p for _, p in sorted((ins.i_out, p) for p, ins in enumerate(tp.instructions))]
-    weight_columns = torch.cat([p * mul + torch.arange(mul) for p in path_of_slot])
+    weight_columns = torch.cat([path_of_slot[s] * mul + torch.arange(mul) for s in order])
     # (M1, M2, K) -> (M2, K, M1) so that y @ coupling gives rows ready for a batched matmul with x
-    return coupling[:, :, order].permute(1, 2, 0).reshape(m2, k * m1), weight_columns
+    dense = coupling[:, :, torch.cat(dense_rows)].permute(1, 2, 0).reshape(m2, k * m1)
+    return dense, torch.cat(columns, dim=1), weight_columns, groups
 
 
 def linear_table(linear: o3.Linear) -> Tuple[Tensor, Tensor]:
@@ -100,7 +133,7 @@ def linear_table(linear: o3.Linear) -> Tuple[Tensor, Tensor]:
 
 
 def mixing_table(
-    linear: o3.Linear, self_interaction: o3.FullyConnectedTensorProduct, mul_in: int
+    linear: o3.Linear, self_interaction: o3.FullyConnectedTensorProduct, mul_in: int, order: List[int]
 ) -> Tuple[Tensor, Tensor, List[int]]:
     """One matrix per output irrep for ``linear(summed) + self_interaction(h, one_hot(species))``.
 
@@ -109,7 +142,9 @@ def mixing_table(
     ``cat([linear.weight, self_interaction.weight])``. Returns (index, scale) flattened over all
     outputs, and for each output: [first input row of summed, number of summed irreps, first row
     of h (-1: no self-interaction), irrep dim, mul_out, offset into index, first summed irrep].
+    The summed irreps of an output come in ``order`` (the tensor product's :func:`path_order`).
     """
+    position = {slot: p for p, slot in enumerate(order)}
     lin_offsets, offset = [], 0
     for ins in linear.instructions:
         lin_offsets.append(offset)
@@ -124,7 +159,8 @@ def mixing_table(
     index, scale, plan = [], [], []
     for o, (mul_out, ir_out) in enumerate(linear.irreps_out):
         lin = [(i, ins) for i, ins in enumerate(linear.instructions) if ins.i_out == o]
-        slots = [ins.i_in for _, ins in lin]
+        slots = sorted(ins.i_in for _, ins in lin)
+        lin.sort(key=lambda item: position[item[1].i_in])
         if not slots or (slots[0], len(slots), ir_out.dim) not in runs:
             raise ValueError("fusing needs the inputs of each output irrep to be one run of equal irreps")
         rows_idx, rows_scale = [], []

@@ -21,6 +21,7 @@ from torch.fx.experimental import _config as fx_config
 from mlpot import keys
 from mlpot.export import AOTI_INPUTS as INPUTS
 from mlpot.export import EnergyAndForces, example_graph, output_disagreement
+from mlpot.models.egnn import unrolled_products
 
 # kinds whose energy-and-forces function traces with dynamic shapes (PyG's GCN normalisation has
 # data-dependent shapes)
@@ -79,7 +80,7 @@ class CompiledTraining:
         inputs = [graph[k] for k in INPUTS]
         inputs[0] = inputs[0].clone().requires_grad_(True)
         state = [t.detach().requires_grad_(t.requires_grad) for t in self._tensors]
-        with fx_config.patch(use_duck_shape=False):
+        with fx_config.patch(use_duck_shape=False), unrolled_products(module):
             traced = make_fx(function, tracing_mode="symbolic", _allow_non_fake_inputs=True)(state, *inputs)
         _reattach_saved_outputs(traced)
         # weights static, counts dynamic (marked on every call)
