@@ -229,10 +229,10 @@ class Interaction(nn.Module):
                     run_slot, col, group_rows, first_row, k1 = self.groups[5 * g : 5 * g + 5]
                     if run_slot == slot:
                         # a group of paths from one input irrep: a sum of k1 outer products
-                        run = (sh @ self.grouped[:, col : col + group_rows]).unsqueeze(2) * neighbours[:, first_row : first_row + 1]
+                        c = (sh @ self.grouped[:, col : col + k1 * group_rows]).view(num_edges, k1, group_rows, 1)
+                        run = c[:, 0] * neighbours[:, first_row : first_row + 1]
                         for k in range(1, k1):
-                            c = sh @ self.grouped[:, col + k * group_rows : col + (k + 1) * group_rows]
-                            run = run + c.unsqueeze(2) * neighbours[:, first_row + k : first_row + k + 1]
+                            run = run + c[:, k] * neighbours[:, first_row + k : first_row + k + 1]
                         width = group_rows // dim * mul
                         run = run.view(num_edges, dim, width) * weights[:, start : start + width].unsqueeze(1)
                         summed.append(torch.zeros(n, dim, width, dtype=run.dtype, device=run.device).index_add(0, edge_index[0], run))
