@@ -6,7 +6,7 @@ follow directly. So the function ``(weights, graph) -> (energy, forces)`` is fir
 traced graph is then compiled by ``torch.compile`` (Inductor) with dynamic atom, edge and structure
 counts. Its backward (the weight gradients of the loss) is compiled too. EGNN layers are traced in
 their :func:`~mlpot.models.egnn.unrolled_products` form, which Inductor fuses better. On a CPU this
-makes a training step 1.5-4x faster; the first step pays the compile time (20-90 s).
+makes a training step 1.5-3x faster; the first step pays the compile time (10-90 s).
 
 The compiled function is checked against the eager model on the first batch; if it cannot be built
 (no C++ compiler, an unsupported model) or disagrees, training continues in eager mode with a warning.
