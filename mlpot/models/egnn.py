@@ -146,8 +146,8 @@ class Interaction(nn.Module):
         mul = equivariant.uniform_multiplicity(self.irreps_in)
         self.mul = mul
         lin_index, lin_scale = equivariant.linear_table(self.linear_in)
-        coupling, grouped, weight_columns, groups = equivariant.tensor_product_table(self.tp)
-        order = equivariant.path_order(self.tp)
+        order = equivariant.path_order(self.tp)  # the order of the paths in both tables
+        coupling, grouped, weight_columns, groups = equivariant.tensor_product_table(self.tp, order)
         mix_index, mix_scale, plan = equivariant.mixing_table(self.linear_out, self.self_interaction, mul, order)
         self.groups: List[int] = groups
         self.num_rows_in = equivariant.block_rows(self.irreps_in)[-1]

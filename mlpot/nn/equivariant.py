@@ -53,11 +53,11 @@ def path_order(tp: o3.TensorProduct) -> List[int]:
     return order
 
 
-def tensor_product_table(tp: o3.TensorProduct) -> Tuple[Tensor, Tensor, Tensor, List[int]]:
+def tensor_product_table(tp: o3.TensorProduct, order: List[int]) -> Tuple[Tensor, Tensor, Tensor, List[int]]:
     """For a ``uvu`` tensor product of (mul x irreps_in1) with (1 x irreps_in2) and per-edge weights.
 
-    Output irreps come in :func:`path_order` (within each run of equal irreps, the paths from one input
-    irrep are adjacent). Returns:
+    Output irreps come in ``order``, the tensor product's :func:`path_order` (within each run of equal
+    irreps, the paths from one input irrep are adjacent; :func:`mixing_table` takes the same). Returns:
 
     - ``coupling`` (M2, K * M1): Wigner 3j symbols times path weights, such that
       ``(y @ coupling).view(-1, K, M1) @ x_blocked`` is every path's output (before its weight), stacked
@@ -88,7 +88,6 @@ def tensor_product_table(tp: o3.TensorProduct) -> Tuple[Tensor, Tensor, Tensor, 
         path_of_slot[ins.i_out], in1_of_slot[ins.i_out] = p, ins.i_in1
     if min(path_of_slot) < 0:
         raise ValueError("every output irrep of a fused tensor product needs a path")
-    order = path_order(tp)
     dense_rows: List[Tensor] = []
     columns: List[Tensor] = []
     groups: List[int] = []

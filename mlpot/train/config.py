@@ -66,7 +66,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     num_threads: Optional[int] = None
     # compile the energy-and-forces function for training steps (egnn, schnet): 1.5-3x faster steps on a
-    # CPU after a 20-60 s compile at the first step; falls back to eager with a warning if it cannot
+    # CPU after a 10-90 s compile at the first step; falls back to eager with a warning if it cannot
     compile: bool = False
 
 

@@ -312,7 +312,7 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> Dict[str,
         _write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     writer = _tensorboard(run_dir) if main else None
     if t.compile and main and progress:
-        tqdm.write("train.compile: the first training step traces and compiles the model (20-60 s on a CPU)")
+        tqdm.write("train.compile: the first training step traces and compiles the model (10-90 s on a CPU)")
     stopped = "epochs"
     for epoch in range(start_epoch, t.epochs):
         if t.max_time is not None and elapsed >= t.max_time:
