@@ -209,36 +209,45 @@ class Interaction(nn.Module):
         n, mul = x.shape[0], self.mul
         w_in, all_weights, last = self._weight_tables()
         mixed = torch.einsum("nmu,muv->nmv", x, w_in)
-        neighbours = mixed[edge_index[1]]  # (E, M, U)
+        src = edge_index[1]
+        num_edges, rows_in = src.shape[0], self.num_rows_in
+        neighbours = mixed
+        neighbour_rows: List[Tensor] = []
+        if self.unrolled:
+            # each input row gathered on its own: the gradients then add plain per-edge tensors, not the
+            # zero-padded slices of one (E, M, U) tensor (which Inductor builds with masked loads, slow in
+            # float64)
+            neighbour_rows = [mixed[:, r].index_select(0, src) for r in range(rows_in)]
+        else:
+            neighbours = mixed[src]  # (E, M, U)
         hidden = self._radial_hidden(radial)
         outs: List[Tensor] = []
-        num_edges, rows_in = neighbours.shape[0], self.num_rows_in
         for o in range(len(self.mix_plan) // 7):
             first, count, h_row, dim, mul_out, offset, slot = self.mix_plan[7 * o : 7 * o + 7]
             if self.scalars_only and dim > 1:
                 continue
-            # the radial weights of the paths into this output irrep, the same for every m
-            weights = hidden @ last[:, slot * mul : (slot + count) * mul]
-            if edge_pair is not None:
-                weights = weights.index_select(0, edge_pair)
-            # the paths' outputs (E, dim, paths * U), weighted and summed over neighbours
+            # the paths' outputs (E, dim, paths * U), times their radial weights (the same for every m) and
+            # summed over neighbours
             summed: List[Tensor] = []
             if self.unrolled:
-                start = 0
+                start = slot * mul
                 for g in range(len(self.groups) // 5):
                     run_slot, col, group_rows, first_row, k1 = self.groups[5 * g : 5 * g + 5]
                     if run_slot == slot:
-                        # a group of paths from one input irrep: a sum of k1 outer products
+                        # a group of paths from one input irrep: a sum of k1 outer products, with its own
+                        # radial weights (no per-edge slices, as above)
                         c = (sh @ self.grouped[:, col : col + k1 * group_rows]).view(num_edges, k1, group_rows, 1)
-                        run = c[:, 0] * neighbours[:, first_row : first_row + 1]
+                        run = c[:, 0] * neighbour_rows[first_row].unsqueeze(1)
                         for k in range(1, k1):
-                            run = run + c[:, k] * neighbours[:, first_row + k : first_row + k + 1]
+                            run = run + c[:, k] * neighbour_rows[first_row + k].unsqueeze(1)
                         width = group_rows // dim * mul
-                        run = run.view(num_edges, dim, width) * weights[:, start : start + width].unsqueeze(1)
+                        weights = self._edge_weights(hidden, last[:, start : start + width], edge_pair)
+                        run = run.view(num_edges, dim, width) * weights.unsqueeze(1)
                         summed.append(torch.zeros(n, dim, width, dtype=run.dtype, device=run.device).index_add(0, edge_index[0], run))
                         start += width
             else:
                 # all paths at once, one batched product; rows m-major, so (E, dim, paths * U) is a view
+                weights = self._edge_weights(hidden, last[:, slot * mul : (slot + count) * mul], edge_pair)
                 coupled = (sh @ self.coupling[:, first * rows_in : (first + count * dim) * rows_in]).view(num_edges, count * dim, rows_in)
                 run = torch.bmm(coupled, neighbours).view(num_edges, dim, count * mul) * weights.unsqueeze(1)
                 summed.append(torch.zeros(n, dim, count * mul, dtype=run.dtype, device=run.device).index_add(0, edge_index[0], run))
@@ -289,6 +298,14 @@ class Interaction(nn.Module):
         if mode:
             self.frozen = False
         return super().train(mode)
+
+    def _edge_weights(self, hidden: Tensor, columns: Tensor, edge_pair: Optional[Tensor]) -> Tensor:
+        """Radial weights per edge: the MLP's last layer (``columns`` of it) on its hidden features, which
+        with ``edge_pair`` are per pair of edges and are gathered to the edges."""
+        weights = hidden @ columns
+        if edge_pair is not None:
+            weights = weights.index_select(0, edge_pair)
+        return weights
 
     def _radial_hidden(self, radial: Tensor) -> Tensor:
         """The radial MLP up to its last layer (each output irrep applies its own columns of the last)."""
