@@ -211,15 +211,13 @@ class Interaction(nn.Module):
         mixed = torch.einsum("nmu,muv->nmv", x, w_in)
         src = edge_index[1]
         num_edges, rows_in = src.shape[0], self.num_rows_in
-        neighbours = mixed
+        # the dense products read the neighbours' features as one (E, M, U) tensor; the unrolled ones read
+        # each input row gathered on its own, so that the gradients add plain per-edge tensors, not the
+        # zero-padded slices of one tensor (which Inductor builds with masked loads, slow in float64)
+        neighbours = mixed if self.unrolled else mixed[src]  # unused (node features) when unrolled
         neighbour_rows: List[Tensor] = []
         if self.unrolled:
-            # each input row gathered on its own: the gradients then add plain per-edge tensors, not the
-            # zero-padded slices of one (E, M, U) tensor (which Inductor builds with masked loads, slow in
-            # float64)
             neighbour_rows = [mixed[:, r].index_select(0, src) for r in range(rows_in)]
-        else:
-            neighbours = mixed[src]  # (E, M, U)
         hidden = self._radial_hidden(radial)
         outs: List[Tensor] = []
         for o in range(len(self.mix_plan) // 7):
