@@ -4,14 +4,13 @@ from typing import Optional, Sequence
 
 import torch
 
+from mlpot.dtypes import DTYPES
 from mlpot.models.egnn import EGNN
 from mlpot.models.gcn import GCN
 from mlpot.models.potential import Potential
 from mlpot.models.schnet import SchNet
 
 MODELS = {"gcn": GCN, "schnet": SchNet, "egnn": EGNN}
-# the precisions mlpot runs in, by the names configs and model files use
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 def build_potential(
