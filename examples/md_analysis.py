@@ -9,9 +9,10 @@ from pathlib import Path
 
 import torch
 
+from mlpot.calculators import load_calculator
 from mlpot.workflows import analysis
 from mlpot.workflows.md import parse_time, reference_bonds, run_md
-from mlpot.workflows.relax import load_calculator, relax
+from mlpot.workflows.relax import relax
 from mlpot.workflows.vibrations import harmonic_frequencies
 
 ROOT = Path(__file__).resolve().parents[1]

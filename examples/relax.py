@@ -9,8 +9,9 @@ from pathlib import Path
 
 import torch
 
+from mlpot.calculators import load_calculator
 from mlpot.workflows.analysis import load_structure
-from mlpot.workflows.relax import format_relax, load_calculator, relax, write_structure
+from mlpot.workflows.relax import format_relax, relax, write_structure
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
+from mlpot.calculators import load_calculator
 from mlpot.workflows.analysis import load_structure, plot_spectrum
-from mlpot.workflows.relax import load_calculator
 from mlpot.workflows.vibrations import analyse, format_vibrations
 
 ROOT = Path(__file__).resolve().parents[1]

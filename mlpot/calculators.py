@@ -9,8 +9,7 @@ from ase.calculators.calculator import Calculator, all_changes
 
 from mlpot import export, keys
 from mlpot.data.graph import check_structure, make_graph
-from mlpot.models import DTYPES as _DTYPES
-
+from mlpot.dtypes import DTYPES, dtype_of
 
 
 class MLPotCalculator(Calculator):
@@ -51,9 +50,7 @@ class MLPotCalculator(Calculator):
     ):
         super().__init__(**kwargs)
         if isinstance(dtype, str):
-            if dtype not in _DTYPES:
-                raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
-            dtype = _DTYPES[dtype]
+            dtype = dtype_of(dtype)
         if compile:
             model = export.compiled_copy(model, dtype)
         self.model, self.metadata = export.load(model, device=device, dtype=dtype)
@@ -64,7 +61,7 @@ class MLPotCalculator(Calculator):
                 f"but {model} holds a {kind!r} model; use MLPotCalculator for any kind"
             )
         self.device = torch.device(device)
-        self.dtype = dtype or _DTYPES[self.metadata["dtype"]]
+        self.dtype = dtype or DTYPES[self.metadata["dtype"]]
         self.cutoff = float(self.metadata["cutoff"])
         self.species = [int(z) for z in self.metadata["species"]]
         self.skin = float(skin)
@@ -248,4 +245,16 @@ class CommitteeCalculator(Calculator):
         }
 
 
-__all__ = ["CommitteeCalculator", "EGNNCalculator", "GNNCalculator", "MLPotCalculator"]
+def load_calculator(model, dtype: Optional[str] = "float64", device: str = "cpu") -> Calculator:
+    """An ASE calculator for a deployed model file, in ``dtype`` (None: the file's own; float64 for tight work).
+
+    A list of two or more files gives a CommitteeCalculator (mean forces, plus their spread).
+    """
+    if isinstance(model, (list, tuple)):
+        if len(model) > 1:
+            return CommitteeCalculator([str(m) for m in model], device=device, dtype=dtype)
+        model = model[0]
+    return MLPotCalculator(str(model), device=device, dtype=dtype)
+
+
+__all__ = ["CommitteeCalculator", "EGNNCalculator", "GNNCalculator", "MLPotCalculator", "load_calculator"]

@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from mlpot import export, keys
-from mlpot.calculators import EGNNCalculator, GNNCalculator, MLPotCalculator
-from mlpot.data import load_dataset, make_graph
+from mlpot.calculators import CommitteeCalculator, EGNNCalculator, GNNCalculator, MLPotCalculator, load_calculator
+from mlpot.data import MOLECULES, load_dataset, make_graph
 
 from conftest import KINDS, make_tiny_potential
 
-DATASETS = {"ethanol": "rmd17_ethanol", "toluene": "toluene_ccsd_t", "aspirin": "aspirin_ccsd"}
+DATASETS = {name: entry.reference for name, entry in MOLECULES.items()}
 
 
 @pytest.fixture(scope="module")
@@ -272,3 +272,15 @@ def test_missing_file(tmp_path):
 def test_bad_dtype_argument(deployed):
     with pytest.raises(ValueError, match="dtype must be one of"):
         MLPotCalculator(deployed("schnet"), dtype="float16")
+
+
+def test_load_calculator_one_file_or_a_committee(molecules, deployed):
+    single = load_calculator(deployed("schnet"), dtype="float32")
+    assert type(single) is MLPotCalculator and single.dtype == torch.float32
+    own = load_calculator([deployed("gcn", torch.float32)], dtype=None)  # a one-file list is that file
+    assert type(own) is MLPotCalculator and own.dtype == torch.float32
+    committee = load_calculator([deployed("schnet"), deployed("gcn")])
+    assert type(committee) is CommitteeCalculator and committee.dtype == torch.float64
+    atoms = attach(molecules["ethanol"], committee)
+    members = [attach(molecules["ethanol"], MLPotCalculator(deployed(k))).get_potential_energy() for k in ("schnet", "gcn")]
+    assert atoms.get_potential_energy() == pytest.approx(np.mean(members), rel=1e-12)

@@ -464,3 +464,108 @@ def test_block_split_contiguous():
     np.testing.assert_array_equal(test, np.arange(65, 95))
     with pytest.raises(ValueError):
         block_split(100, (60, 40), gap=1)
+
+
+# --------------------------------------------------------------------------- file sniffing, data and cache folders
+
+
+def test_data_format_goes_by_content_not_name(tmp_path):
+    z, r, e, f = fake_md17()
+    archive = write_sgdml(tmp_path / "frames.npz", z, r, e, f).rename(tmp_path / "frames.dat")
+    assert datasets.data_format(archive) == "npz"
+    np.testing.assert_allclose(read_frames(archive).energy, e * KCAL, rtol=1e-15)
+    xyz = tmp_path / "frames.xyz"
+    ase.io.write(xyz, ase.Atoms("H2", positions=[[0, 0, 0], [0.74, 0, 0]]), format="extxyz")
+    assert datasets.data_format(xyz) == "ase"
+    not_an_archive = tmp_path / "text.npz"
+    not_an_archive.write_text("hello")
+    with pytest.raises(ValueError, match="has the .npz suffix but is not a valid npz archive"):
+        datasets.data_format(not_an_archive)
+
+
+def test_workflows_read_an_npz_by_content(tmp_path):
+    from mlpot.workflows import analysis
+
+    z, r, e, f = fake_md17()
+    archive = write_rmd17(tmp_path / "frames.npz", z, r, e, f).rename(tmp_path / "frames.bin")
+    atoms = analysis.load_structure(str(archive))
+    np.testing.assert_array_equal(atoms.numbers, z)
+    np.testing.assert_array_equal(atoms.positions, r[0])
+    np.testing.assert_array_equal(analysis.load_ensemble(str(archive)).positions, r)
+
+
+def test_default_data_and_cache_dirs(tmp_path, monkeypatch):
+    assert datasets.default_data_dir() is None  # the autouse fixture unset $MLPOT_DATA_DIR
+    monkeypatch.setenv("MLPOT_DATA_DIR", str(tmp_path / "env-data"))
+    assert datasets.default_data_dir() == tmp_path / "env-data"
+    assert datasets.default_data_dir(tmp_path / "arg") == tmp_path / "arg"
+    assert datasets.default_data_dir("") is None  # never the current folder
+    assert datasets.default_cache_dir() == tmp_path / "default-cache"  # $MLPOT_CACHE_DIR from the fixture
+    assert datasets.default_cache_dir(tmp_path / "arg") == tmp_path / "arg"
+    monkeypatch.delenv("MLPOT_CACHE_DIR")
+    assert datasets.default_cache_dir() == Path.home() / ".cache" / "mlpot"
+
+
+# --------------------------------------------------------------------------- molecule -> dataset registry
+
+
+def test_registry_names_known_datasets_and_keeps_todays_choices():
+    from mlpot.data import registry
+
+    choices = {name: (entry.reference, entry.study) for name, entry in registry.MOLECULES.items()}
+    # the datasets each caller used before the registry existed: changing one changes published numbers
+    assert choices == {
+        "ethanol": ("rmd17_ethanol", "rmd17_ethanol"),
+        "toluene": ("toluene_ccsd_t", "rmd17_toluene"),
+        "aspirin": ("aspirin_ccsd", "rmd17_aspirin"),
+    }
+    known = set(datasets.known_datasets())
+    for name, entry in registry.MOLECULES.items():
+        assert {entry.reference, entry.study} <= known
+        assert entry.study == f"rmd17_{name}" and entry.reference_level
+    assert registry.reference_dataset("toluene") == "toluene_ccsd_t"
+    assert registry.study_dataset("toluene") == "rmd17_toluene"
+    assert registry.reference_dataset("rmd17_uracil") == registry.study_dataset("rmd17_uracil") == "rmd17_uracil"
+
+
+def test_workflows_and_studies_resolve_molecules_through_the_registry(tmp_path, monkeypatch):
+    """An entry added to the registry alone reaches md, relax, vibrations and the studies: no other copy."""
+    from mlpot.data import registry
+    from mlpot.study.common import load_frames
+    from mlpot.workflows import analysis, md, relax, vibrations
+
+    data = tmp_path / "data"
+    data.mkdir()
+    reference_train = fake_md17(3, numbers=(8, 1, 1), seed=1)
+    reference_test = fake_md17(2, numbers=(8, 1, 1), seed=2)
+    study_test = fake_md17(5, numbers=(6, 1, 1, 1, 1), seed=3)
+    write_sgdml(data / "ethanol_gfn2xtb-train.npz", *reference_train)
+    write_sgdml(data / "ethanol_gfn2xtb-test.npz", *reference_test)
+    write_sgdml(data / "toluene_gfn2xtb-test.npz", *study_test)
+    entry = registry.MoleculeDatasets(reference="ethanol_gfn2xtb", reference_level="GFN2-xTB", study="toluene_gfn2xtb")
+    monkeypatch.setitem(registry.MOLECULES, "testane", entry)
+
+    atoms = analysis.load_structure("testane", data)
+    np.testing.assert_array_equal(atoms.numbers, reference_train[0])
+    np.testing.assert_array_equal(atoms.positions, reference_train[1][0])
+    ensemble = analysis.load_ensemble("testane", data)
+    np.testing.assert_array_equal(ensemble.positions, np.concatenate([reference_train[1], reference_test[1]]))
+    frames = load_frames("testane", "test", data_dir=data)
+    np.testing.assert_array_equal(frames.numbers[0], study_test[0])
+    np.testing.assert_allclose(frames.energy, study_test[2] * KCAL, rtol=1e-15)
+    assert md._molecule_label("testane") == "testane"  # a molecule name, not a file stem
+    assert relax.MOLECULES is vibrations.MOLECULES is md.MOLECULES is registry.MOLECULES
+
+
+def test_real_toluene_reference_and_study_sets(real_data_dir):
+    """Where the two choices differ (toluene): md/relax start from CCSD(T), the studies test on rMD17."""
+    from mlpot.study.common import load_frames
+    from mlpot.workflows import analysis
+
+    atoms = analysis.load_structure("toluene", real_data_dir)
+    ccsd_t = load_dataset("toluene_ccsd_t", "train", data_dir=real_data_dir, download=False)
+    np.testing.assert_array_equal(atoms.positions, ccsd_t.positions[0])
+    frames = load_frames("toluene", "test", data_dir=real_data_dir)
+    rmd17 = load_dataset("rmd17_toluene", "test", data_dir=real_data_dir, download=False)
+    np.testing.assert_array_equal(frames.energy, rmd17.energy)
+    assert not np.allclose(frames.energy.mean(), ccsd_t.energy.mean(), rtol=1e-4)  # the levels really differ

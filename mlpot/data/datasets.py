@@ -193,6 +193,20 @@ def _max_plausible_energy(numbers: np.ndarray) -> float:
     return 1.5 * 20.9 * float(np.sum(np.asarray(numbers, dtype=np.float64) ** (7.0 / 3.0)))
 
 
+def data_format(path: str | os.PathLike) -> str:
+    """How a data file is read: ``"npz"`` (an MD17/rMD17 npz archive) or ``"ase"`` (anything for ase.io.read).
+
+    The content decides, not the name: any zip archive is an npz. A ``.npz`` name on a file that is no
+    archive raises ValueError, since ASE would only fail on it with a less helpful message.
+    """
+    path = Path(path)
+    if zipfile.is_zipfile(path):
+        return "npz"
+    if path.suffix == ".npz":
+        raise ValueError(f"{path} is {UNRECOGNISED}: it has the .npz suffix but is not a valid npz archive")
+    return "ase"
+
+
 def read_frames(path: str | os.PathLike, name: str | None = None, units: str | None = None) -> Frames:
     """Reads labelled structures from a file and converts them to eV and Å.
 
@@ -216,11 +230,9 @@ def read_frames(path: str | os.PathLike, name: str | None = None, units: str | N
     name = path.stem if name is None else name
     if units is not None and units not in ENERGY_UNITS:
         raise ValueError(f"unknown energy unit {units!r} for {path}; use one of {sorted(ENERGY_UNITS)}")
-    if zipfile.is_zipfile(path):
+    if data_format(path) == "npz":
         frames = _read_npz(path, name)
         default = "kcal/mol"
-    elif path.suffix == ".npz":
-        raise ValueError(f"{path} is {UNRECOGNISED}: it has the .npz suffix but is not a valid npz archive")
     else:
         frames = _read_with_ase(path, name)
         default = "eV"
@@ -355,11 +367,20 @@ def _dataset_file(name: str, split: str | None, index: int) -> tuple[str, str | 
     raise ValueError(f"unknown dataset {name!r}; known names: {', '.join(known_datasets())}")
 
 
-def default_cache_dir(cache_dir: str | os.PathLike | None) -> Path:
-    """Returns the cache folder: the argument, else $MLPOT_CACHE_DIR, else ~/.cache/mlpot."""
+def default_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
+    """The folder mlpot keeps downloads and builds in (datasets; AOTInductor builds in its ``aoti/``):
+    the argument, else $MLPOT_CACHE_DIR, else ~/.cache/mlpot. The one place that picks it."""
     if cache_dir is not None:
         return Path(cache_dir)
     return Path(os.environ.get("MLPOT_CACHE_DIR") or Path.home() / ".cache" / "mlpot")
+
+
+def default_data_dir(data_dir: str | os.PathLike | None = None) -> Path | None:
+    """The folder of local reference data: the argument, else $MLPOT_DATA_DIR; None when neither is set
+    (an empty string counts as not set, so it never means the current folder)."""
+    if data_dir is None:
+        data_dir = os.environ.get("MLPOT_DATA_DIR")
+    return Path(data_dir) if data_dir else None
 
 
 def dataset_path(
@@ -390,9 +411,8 @@ def dataset_path(
     """
     file_name, url, sha256 = _dataset_file(name, split, index)
     searched = []
-    data_dir = data_dir if data_dir is not None else os.environ.get("MLPOT_DATA_DIR")
-    if data_dir:
-        data_dir = Path(data_dir)
+    data_dir = default_data_dir(data_dir)
+    if data_dir is not None:
         searched.append(f"{data_dir} (with subfolders)" if data_dir.is_dir() else f"{data_dir} (does not exist)")
         matches = sorted(data_dir.rglob(file_name), key=lambda p: (len(p.parts), str(p)))
         matches = [p for p in matches if p.is_file()]

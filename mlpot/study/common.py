@@ -16,10 +16,9 @@ from mlpot import export, keys
 from mlpot.data import datasets
 from mlpot.data.datasets import Frames, load_dataset, split_indices
 from mlpot.data.graph import Graph, collate
-from mlpot.models import DTYPES, Potential, build_potential
-
-# Molecule name -> the dataset the studies use for it (revised MD17: one level of theory, 1000/1000 splits).
-STUDY_DATASETS = {"ethanol": "rmd17_ethanol", "toluene": "rmd17_toluene", "aspirin": "rmd17_aspirin"}
+from mlpot.data.registry import study_dataset
+from mlpot.dtypes import DTYPES, dtype_of, name_of
+from mlpot.models import Potential, build_potential
 
 
 # === models ===
@@ -122,15 +121,15 @@ def load_model(spec, dtype: Optional[str] = None) -> LoadedModel:
         scripted, ignored = None, []
         meta = {
             "kind": potential.kind, "species": list(potential.species), "cutoff": potential.cutoff,
-            "dtype": str(potential.energy_scale.dtype).replace("torch.", ""), "hparams": potential.hparams,
+            "dtype": name_of(potential.energy_scale.dtype), "hparams": potential.hparams,
         }
         dataset = _dataset_of_run(path)
         if dataset:
             meta["dataset"] = dataset
     if dtype is not None:
-        potential.to(DTYPES[dtype])
+        potential.to(dtype_of(dtype))
         if scripted is not None:
-            scripted.to(DTYPES[dtype])
+            scripted.to(dtype_of(dtype))
         meta["dtype"] = dtype
     model = LoadedModel(potential.eval(), scripted, meta, str(path))
     if ignored:
@@ -163,18 +162,14 @@ def check_rebuild(model: LoadedModel, graphs: Sequence[Graph]) -> Dict[str, floa
 
 
 # === data ===
-def dataset_name(spec: str) -> str:
-    """A molecule name (ethanol, toluene, aspirin) -> its rMD17 dataset; anything else unchanged."""
-    return STUDY_DATASETS.get(spec, spec)
-
-
 def load_frames(spec: str, split: Optional[str] = "test", num_frames: Optional[int] = None, seed: int = 0,
                 data_dir=None) -> Frames:
-    """Frames of a molecule name, dataset name or file; ``num_frames`` drawn at random (sorted, fixed by ``seed``).
+    """Frames of a molecule name (its study dataset, see mlpot.data.registry), dataset name or file;
+    ``num_frames`` drawn at random (sorted, fixed by ``seed``).
 
     ``split`` ("train"/"test") applies to named datasets that have one; files and single-file sets are read whole.
     """
-    name = dataset_name(str(spec))
+    name = study_dataset(spec)
     if Path(name).is_file():
         frames = load_dataset(name)
     elif name in datasets.known_datasets():

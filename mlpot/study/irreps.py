@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from mlpot.data.graph import collate
+from mlpot.data.registry import study_dataset
 from mlpot.study.common import (
     evaluate, load_model, load_model_and_data, median_latency_ms, output_dir, pyplot, write_json,
 )
@@ -300,9 +301,7 @@ def run_irreps(model_spec, data: Optional[str] = None, frames: Optional[int] = 1
         new_lmax = lmax - 1 if retrain_lmax is None else int(retrain_lmax)
         if not 0 <= new_lmax <= 3:
             raise ValueError(f"--retrain-lmax must be 0..3, got {new_lmax}")
-        from mlpot.study.common import dataset_name
-
-        dataset = dataset_name(str(retrain_dataset or model.meta.get("dataset") or data))
+        dataset = study_dataset(str(retrain_dataset or model.meta.get("dataset") or data))
         runs = Path(runs_dir or Path("runs") / "study" / f"irreps-{Path(model.path).stem}")
         trained = retrain(model, [lmax, new_lmax] if new_lmax != lmax else [lmax], dataset, size, steps, runs, seed,
                           test_size, data_dir, threads, overrides)

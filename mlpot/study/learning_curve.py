@@ -25,7 +25,8 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from mlpot.study.common import STUDY_DATASETS, dataset_name, output_dir, pyplot, write_json
+from mlpot.data.registry import study_dataset
+from mlpot.study.common import output_dir, pyplot, write_json
 
 # Hyperparameters and learning rates of the recipes in training/<molecule>-<kind>.yaml.
 RECIPES: Dict[str, dict] = {
@@ -207,7 +208,7 @@ def run_learning_curve(
     test_dataset: Optional[str] = None,
 ) -> dict:
     """Train every (model, size, seed), append results to ``learning_curve.csv`` in ``output``, plot, fit slopes."""
-    dataset = dataset or STUDY_DATASETS.get(molecule, dataset_name(molecule))
+    dataset = dataset or study_dataset(molecule)
     model_names = [m.strip() for m in str(models).split(",") if m.strip()]
     recipes = [parse_model(m) for m in model_names]
     size_list = [int(s) for s in str(sizes).split(",") if s.strip()]

@@ -29,8 +29,9 @@ from torch import nn
 
 from mlpot import keys
 from mlpot.data.graph import make_graph
+from mlpot.data.registry import study_dataset
 from mlpot.study.common import (
-    dataset_name, evaluate, load_frames, load_model, output_dir, pyplot, write_json,
+    evaluate, load_frames, load_model, output_dir, pyplot, write_json,
 )
 
 
@@ -251,7 +252,7 @@ def run_symmetry(model_spec, structure: Optional[str] = None, n: int = 100, dtyp
     result.update(symmetry_spreads(model, atoms.positions, n, seed))
     print(format_spreads(result))
     if baseline:
-        data = dataset_name(baseline_data or loaded.meta.get("dataset") or "ethanol")
+        data = study_dataset(baseline_data or loaded.meta.get("dataset") or "ethanol")
         levels = [c.strip() if c.strip() == "inf" else int(c) for c in str(copies).split(",") if c.strip()]
         print(f"non-symmetric baseline (Cartesian MLP) on {data}, {baseline_steps} steps per level:", flush=True)
         torch_threads = torch.get_num_threads()

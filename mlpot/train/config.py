@@ -9,6 +9,8 @@ from typing import Any, Dict, List, Optional, Union, get_args, get_origin, get_t
 
 import yaml
 
+from mlpot.dtypes import DTYPE_NAMES
+
 
 class ConfigError(ValueError):
     """A configuration problem, named by its key."""
@@ -85,7 +87,7 @@ class Config:
 
 _CHOICES = {
     "model.kind": ("gcn", "schnet", "egnn"),
-    "model.dtype": ("float32", "float64"),
+    "model.dtype": DTYPE_NAMES,
     "train.optimizer": ("adam", "adamw"),
     "train.scheduler": ("plateau", "cosine", "none"),
     "train.loss": ("mse", "mae", "huber"),

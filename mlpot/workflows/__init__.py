@@ -3,8 +3,9 @@
 The submodules md, relax, vibrations and analysis hold the functions; names here are the main entry points.
 """
 
+from mlpot.calculators import load_calculator
 from mlpot.workflows.md import MDReport, MDRun, parse_time, run_md, simulate
-from mlpot.workflows.relax import RelaxResult, load_calculator, relax_structure
+from mlpot.workflows.relax import RelaxResult, relax_structure
 from mlpot.workflows.vibrations import (
     PhononResult,
     VibrationResult,

@@ -10,10 +10,9 @@ import numpy as np
 from ase import Atoms, units
 from ase.data import covalent_radii
 
-from mlpot.data.datasets import SINGLE_FILE_DATASETS, load_dataset
+from mlpot.data.datasets import SINGLE_FILE_DATASETS, data_format, load_dataset
+from mlpot.data.registry import reference_dataset
 
-# Molecule name -> dataset of its reference geometry and reference ensemble.
-MOLECULES = {"ethanol": "rmd17_ethanol", "toluene": "toluene_ccsd_t", "aspirin": "aspirin_ccsd"}
 BOND_SCALE = 1.2  # a bond: closer than this times the sum of the covalent radii
 COLLAPSE_THRESHOLD = 0.5  # Å, Fu et al. 2023 ("Forces are not enough")
 HR_MAX = 10.0  # Å
@@ -36,20 +35,17 @@ class Ensemble:
     name: str = ""
 
 
-def _is_npz(path: Path) -> bool:
-    return path.suffix == ".npz"
-
-
 def load_ensemble(spec: str, data_dir=None) -> Ensemble:
-    """Reference configurations: a molecule name, a dataset name (train + test frames) or a file."""
+    """Reference configurations: a molecule name (its reference dataset, see mlpot.data.registry), a dataset
+    name (train + test frames) or a file."""
     path = Path(spec)
-    if path.is_file() and not _is_npz(path):
+    if path.is_file() and data_format(path) == "ase":
         images = ase.io.read(path, index=":")
         return Ensemble(images[0].numbers.copy(), np.stack([a.positions for a in images]), str(path))
     if path.is_file():
         frame_sets = [load_dataset(path)]
     else:
-        dataset = MOLECULES.get(spec, spec)
+        dataset = reference_dataset(spec)
         if dataset in SINGLE_FILE_DATASETS:
             frame_sets = [load_dataset(dataset, None, data_dir=data_dir)]
         else:
@@ -60,12 +56,13 @@ def load_ensemble(spec: str, data_dir=None) -> Ensemble:
 
 
 def load_structure(spec: str, data_dir=None) -> Atoms:
-    """A structure: a molecule or dataset name (its first training frame) or a file ASE reads (its last frame)."""
+    """A structure: a molecule name (its reference dataset, see mlpot.data.registry) or a dataset name (the
+    first training frame), or a file ASE reads (its last frame)."""
     path = Path(spec)
-    if path.is_file() and not _is_npz(path):
+    if path.is_file() and data_format(path) == "ase":
         atoms = ase.io.read(path)
     else:
-        dataset = MOLECULES.get(spec, spec)
+        dataset = reference_dataset(spec)
         split = None if dataset in SINGLE_FILE_DATASETS or path.is_file() else "train"
         frames = load_dataset(dataset, split, data_dir=data_dir)
         atoms = Atoms(numbers=frames.numbers[0], positions=frames.positions[0].copy())

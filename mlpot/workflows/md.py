@@ -18,9 +18,11 @@ from ase.md.velocitydistribution import Stationary, ZeroRotation, thermalize_mom
 from ase.md.verlet import VelocityVerlet
 from tqdm.auto import tqdm
 
+from mlpot.calculators import load_calculator
 from mlpot.data.datasets import known_datasets
+from mlpot.data.registry import MOLECULES
+from mlpot.dtypes import name_of
 from mlpot.workflows import analysis
-from mlpot.workflows.relax import load_calculator
 
 ENSEMBLES = ("nve", "langevin", "nose-hoover")
 _TIME_UNITS_FS = {"fs": 1.0, "ps": 1000.0, "ns": 1e6}
@@ -262,7 +264,7 @@ def _harmonic_cm(atoms, model, device) -> list:
 
 
 def _molecule_label(molecule: str) -> str:
-    return molecule if molecule in analysis.MOLECULES else Path(molecule).stem
+    return molecule if molecule in MOLECULES else Path(molecule).stem
 
 
 def simulate(
@@ -304,7 +306,7 @@ def simulate(
     out = Path(output_dir or f"mlpot-md-{label}")
     out.mkdir(parents=True, exist_ok=True)
     atoms = analysis.load_structure(molecule, data_dir)
-    named = molecule in analysis.MOLECULES or molecule in known_datasets()
+    named = molecule in MOLECULES or molecule in known_datasets()
     reference_spec = reference_data or (molecule if named else None)
     reference = analysis.load_ensemble(reference_spec, data_dir) if reference_spec else None
     bonds, lengths = reference_bonds(reference, atoms) if reference else (None, None)
@@ -313,7 +315,7 @@ def simulate(
     run = run_md(atoms, calc, temperature_K, parse_time(time), parse_time(timestep), ensemble, bonds, lengths,
                  trajectory=traj_path, logfile=out / "md.log", friction_per_fs=friction_per_fs, seed=seed,
                  progress=progress)
-    report = _report(run, label, ensemble, temperature_K, parse_time(time), str(calc.dtype).replace("torch.", ""))
+    report = _report(run, label, ensemble, temperature_K, parse_time(time), name_of(calc.dtype))
     report.reference = reference.name if reference else None
     report.files = {"trajectory": str(traj_path), "log": str(out / "md.log")}
     _compare(run, reference, report, out)

@@ -10,8 +10,9 @@ import numpy as np
 from ase import Atoms
 from ase.optimize import BFGS, FIRE, LBFGS
 
-from mlpot.calculators import CommitteeCalculator, MLPotCalculator
-from mlpot.workflows.analysis import MOLECULES, find_bonds, load_structure
+from mlpot.calculators import load_calculator
+from mlpot.data.registry import MOLECULES
+from mlpot.workflows.analysis import find_bonds, load_structure
 
 OPTIMIZERS = {"bfgs": BFGS, "lbfgs": LBFGS, "fire": FIRE}
 
@@ -37,18 +38,6 @@ class RelaxResult:
     converged: bool
     bonds: list = field(default_factory=list)
     output: str | None = None
-
-
-def load_calculator(model, dtype: str | None = "float64", device: str = "cpu"):
-    """An ASE calculator for a deployed model file, in ``dtype`` (None: the file's own; float64 for tight work).
-
-    A list of two or more files gives a CommitteeCalculator (mean forces, plus their spread).
-    """
-    if isinstance(model, (list, tuple)):
-        if len(model) > 1:
-            return CommitteeCalculator([str(m) for m in model], device=device, dtype=dtype)
-        model = model[0]
-    return MLPotCalculator(str(model), device=device, dtype=dtype)
 
 
 def max_force(atoms: Atoms) -> float:

@@ -15,8 +15,10 @@ from ase.vibrations import Vibrations
 
 from mlpot.units import HARTREE_TO_EV
 from mlpot import export
-from mlpot.workflows.analysis import MOLECULES, load_structure, plot_phonons, plot_spectrum
-from mlpot.workflows.relax import load_calculator, relax
+from mlpot.calculators import load_calculator
+from mlpot.data.registry import MOLECULES
+from mlpot.workflows.analysis import load_structure, plot_phonons, plot_spectrum
+from mlpot.workflows.relax import relax
 
 # sqrt(eV / Å^2 / amu) -> eV, as in ase.vibrations
 _HBAR_OMEGA_EV = units._hbar * 1e10 / np.sqrt(units._e * units._amu)
