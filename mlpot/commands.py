@@ -11,7 +11,7 @@ import contextlib
 import json
 import sys
 from pathlib import Path
-from typing import Callable, Dict, Iterator, Optional, Sequence
+from typing import Dict, Iterator, Optional, Sequence
 
 import torch
 
@@ -62,7 +62,7 @@ class Parser(argparse.ArgumentParser):
 def torch_threads(num_threads: Optional[int]) -> Iterator[None]:
     """Runs the block with ``num_threads`` torch CPU threads (None: as they are), then restores the count.
 
-    The only place mlpot sets torch's thread count: library code leaves the caller's process as it was.
+    Commands set torch's thread count here, so that library code can leave the caller's process as it was.
     """
     if num_threads is None:
         yield
