@@ -1,8 +1,10 @@
 """In-process calls of ``mlpot train``, ``mlpot eval`` and ``mlpot deploy`` (the parsers live in mlpot.commands).
 
 Each takes the subcommand's arguments (default ``sys.argv[1:]``), runs it and raises the library's
-errors (ConfigError, ValueError, FileNotFoundError, UsageError) instead of printing them; the console
-scripts ``mlpot-train``, ``mlpot-eval``, ``mlpot-deploy`` are ``mlpot.commands.mlpot_train`` etc.
+errors (ConfigError, ValueError, FileNotFoundError, UsageError) instead of printing them. They return
+None, as console scripts installed before the aliases moved (``sys.exit(mlpot.cli.train())``) expect;
+``mlpot.commands.run`` returns the results. The console scripts ``mlpot-train``, ``mlpot-eval`` and
+``mlpot-deploy`` are ``mlpot.commands.mlpot_train`` etc.
 """
 
 import sys
@@ -20,11 +22,11 @@ def train(argv: Optional[Sequence[str]] = None) -> None:
     run(["train", *_args(argv)])
 
 
-def evaluate(argv: Optional[Sequence[str]] = None) -> dict:
-    """``mlpot eval ARGV``: energy and force errors of a deployed model on a dataset; returns the metrics."""
-    return run(["eval", *_args(argv)])
+def evaluate(argv: Optional[Sequence[str]] = None) -> None:
+    """``mlpot eval ARGV``: energy and force errors of a deployed model on a dataset."""
+    run(["eval", *_args(argv)])
 
 
-def deploy(argv: Optional[Sequence[str]] = None) -> dict:
-    """``mlpot deploy ARGV``: compile a checkpoint into one deployed file; returns its metadata."""
-    return run(["deploy", *_args(argv)])
+def deploy(argv: Optional[Sequence[str]] = None) -> None:
+    """``mlpot deploy ARGV``: compile a checkpoint into one deployed file."""
+    run(["deploy", *_args(argv)])
