@@ -87,7 +87,7 @@ def test_rebuild_mismatch_is_reported(tmp_path, frames_file):
     potential = make_tiny_potential("schnet", torch.float64)
     path = tmp_path / "wrong.pt"
     export.save(potential, path, dataset=str(frames_file), cutoff=3.0)  # metadata that does not describe the weights
-    with pytest.raises(SystemExit):
+    with pytest.raises(ValueError, match="does not reproduce"):
         run(["study", "latent", str(path), str(frames_file), "--frames", "10", "--output", str(tmp_path)])
     from mlpot.study.common import check_rebuild, graphs_of, load_frames
 
@@ -133,7 +133,7 @@ def test_norm_shares_group_both_parities(frames_file):
 
 def test_irreps_needs_an_egnn(tmp_path, frames_file):
     path = _deploy(tmp_path / "gcn.pt", "gcn", frames_file)
-    with pytest.raises(SystemExit):
+    with pytest.raises(ValueError, match="the irreps study needs an EGNN model"):
         run(["study", "irreps", path, str(frames_file), "--frames", "5", "--output", str(tmp_path)])
 
 

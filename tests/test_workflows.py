@@ -111,7 +111,7 @@ def test_energy_drift_units():
 
 def test_md_command_langevin(model_path, tmp_path, data_dir):
     out = tmp_path / "md"
-    report = run(["md", model_path, "--molecule", "ethanol", "--time", "50fs", "--output", str(out), "--quiet",
+    report = run(["md", model_path, "ethanol", "--time", "50fs", "--output", str(out), "--quiet",
                   "--data-dir", str(data_dir), "--no-harmonic"])
     assert report.steps <= 100 and report.ms_per_step > 0
     assert report.hr_mae is None or 0.0 <= report.hr_mae <= 2.0
@@ -123,7 +123,7 @@ def test_md_command_langevin(model_path, tmp_path, data_dir):
 
 
 def test_md_command_nve_drift(model_path, tmp_path, data_dir):
-    report = run(["md", model_path, "--molecule", "ethanol", "--time", "25fs", "--ensemble", "nve",
+    report = run(["md", model_path, "ethanol", "--time", "25fs", "--ensemble", "nve",
                   "--dtype", "float64", "--temperature", "300", "--output", str(tmp_path), "--quiet",
                   "--format", "extxyz", "--data-dir", str(data_dir)])
     assert (tmp_path / "md.xyz").is_file()

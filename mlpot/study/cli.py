@@ -1,88 +1,102 @@
-"""``mlpot study learning-curve|latent|irreps|symmetry``: argument parsers and runners."""
+"""``mlpot study learning-curve|latent|irreps|symmetry``: the parsers and runners of the study subcommands."""
 
 from __future__ import annotations
 
 import argparse
 
+from mlpot.dtypes import DTYPE_NAMES
+
 MODEL_HELP = "deployed model file (.pt), training checkpoint (best.pt) or run folder"
-DATA_HELP = "molecule (ethanol, toluene, aspirin -> rMD17), dataset name or file (default: the model's training set)"
+DATA_HELP = ("molecule (ethanol, toluene, aspirin: rMD17), dataset name or file "
+             "(default: the model's training set)")
 
 
 def _common(p: argparse.ArgumentParser, output_default: str) -> None:
-    p.add_argument("--output", default=None, help=f"output folder (default {output_default})")
-    p.add_argument("--data-dir", default=None, help="reference data folder (default $MLPOT_DATA_DIR)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    p.add_argument("--output", default=None, help=f"output folder (default: {output_default})")
+    p.add_argument("--data-dir", default=None, help="reference data folder (default: $MLPOT_DATA_DIR)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the data draws and the initialisation")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--device", default="cpu", help=argparse.SUPPRESS)
 
 
-def add_parser(sub) -> None:
-    """The ``study`` subcommand with its own subcommands."""
+def add_parser(sub) -> argparse.ArgumentParser:
+    """The ``study`` subcommand with its own subcommands; returns its parser."""
     from mlpot.study import learning_curve as lc
 
-    study = sub.add_parser("study", help="seed study: learning curves, latent maps, irreps usage, symmetry")
-    ssub = study.add_subparsers(dest="study_command", required=True)
+    study = sub.add_parser("study", help="seed study: learning curves, latent maps, irreps usage, symmetry",
+                           description="The invariant-vs-equivariant seed study; see examples/study/README.md.")
+    ssub = study.add_subparsers(dest="study_command", required=True, metavar="STUDY", title="studies")
 
-    p = ssub.add_parser("learning-curve", help="train every model at every size under one budget; test MAE, log-log slopes")
+    p = ssub.add_parser("learning-curve", help="train every model at every size under one budget; test MAE, log-log slopes",
+                        description="Train every model at every training-set size under one step budget;\n"
+                                    "test MAE per size and the log-log slopes.")
     p.add_argument("--molecule", default="ethanol", help="ethanol, toluene or aspirin (rMD17, split 01)")
-    p.add_argument("--models", default=lc.DEFAULT_MODELS, help=f"comma list of gcn, schnet, egnn, egnn-lK (default {lc.DEFAULT_MODELS})")
-    p.add_argument("--sizes", default=lc.DEFAULT_SIZES, help=f"training configurations N = train + val (default {lc.DEFAULT_SIZES})")
+    p.add_argument("--models", default=lc.DEFAULT_MODELS, help="comma list of gcn, schnet, egnn, egnn-lK")
+    p.add_argument("--sizes", default=lc.DEFAULT_SIZES, help="comma list of training configurations N = train + val")
     p.add_argument("--steps", type=int, default=lc.DEFAULT_STEPS,
-                   help=f"optimizer steps of {lc.BATCH_SIZE} structures per run, every model and size (default {lc.DEFAULT_STEPS})")
+                   help=f"optimizer steps of {lc.BATCH_SIZE} structures per run, every model and size")
     p.add_argument("--max-time", type=float, default=None, help="also cap each run's training at this many seconds")
-    p.add_argument("--seeds", default="0", help="comma list of seeds (data split and initialisation), default 0")
-    p.add_argument("--dataset", default=None, help="dataset name or file instead of rmd17_<molecule>")
+    p.add_argument("--seeds", default="0", help="comma list of seeds (data split and initialisation)")
+    p.add_argument("--dataset", default=None, help="dataset name or file (default: rmd17_<molecule>)")
     p.add_argument("--test-dataset", default=None, help="test file (default: the dataset's test split)")
-    p.add_argument("--test-size", type=int, default=None, help="test on a fixed random subset of this many frames (default all)")
-    p.add_argument("--runs-dir", default=None, help="run folders (default runs/study/learning-curve-<molecule>)")
+    p.add_argument("--test-size", type=int, default=None, help="test on a fixed random subset of this many frames (default: all)")
+    p.add_argument("--runs-dir", default=None, help="run folders (default: runs/study/learning-curve-<molecule>)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="config override applied to every run, e.g. model.hparams.num_features=16")
+                   help="config override applied to every run, e.g. model.hparams.num_features=16 (repeatable)")
     p.add_argument("--progress", action="store_true", help="show the trainer's per-epoch progress")
     _common(p, "mlpot-study-learning-curve-<molecule>")
 
-    p = ssub.add_parser("latent", help="t-SNE of pooled last-layer features; rank correlations and k-NN R^2")
-    p.add_argument("model", help=MODEL_HELP)
-    p.add_argument("data", nargs="?", default=None, help=DATA_HELP)
-    p.add_argument("--frames", type=int, default=1000, help="frames drawn from DATA (default 1000)")
-    p.add_argument("--split", default="test", choices=["train", "test"], help="split of a named dataset (default test)")
-    p.add_argument("--pool", default="mean", choices=["mean", "sum"], help="pooling over atoms (default mean)")
-    p.add_argument("--perplexity", type=float, default=30.0)
+    p = ssub.add_parser("latent", help="t-SNE of pooled last-layer features; rank correlations and k-NN R^2",
+                        description="t-SNE map of the pooled last-layer features of DATA, with rank correlations\n"
+                                    "of latent distances and k-NN regression of energy and geometry.")
+    p.add_argument("model", metavar="MODEL", help=MODEL_HELP)
+    p.add_argument("data", metavar="DATA", nargs="?", default=None, help=DATA_HELP)
+    p.add_argument("--frames", type=int, default=1000, help="frames drawn from DATA")
+    p.add_argument("--split", default="test", choices=["train", "test"], help="split of a named dataset")
+    p.add_argument("--pool", default="mean", choices=["mean", "sum"], help="pooling over atoms")
+    p.add_argument("--perplexity", type=float, default=30.0, help="t-SNE perplexity")
     p.add_argument("--pairs", type=int, default=20000, help="random structure pairs for the rank correlations")
-    p.add_argument("--k", type=int, default=10, help="neighbours of the k-NN regression (default 10)")
+    p.add_argument("--k", type=int, default=10, help="neighbours of the k-NN regression")
     p.add_argument("--no-controls", action="store_true", help="skip the untrained-model and raw-distance controls")
     _common(p, "mlpot-study-latent-<kind>")
 
-    p = ssub.add_parser("irreps", help="EGNN: feature-norm share per l and layer, ablation of each l, optional retrain")
-    p.add_argument("model", help=MODEL_HELP + " (an EGNN)")
-    p.add_argument("data", nargs="?", default=None, help=DATA_HELP)
-    p.add_argument("--frames", type=int, default=1000, help="test frames for shares and ablation (default 1000)")
-    p.add_argument("--split", default="test", choices=["train", "test"])
+    p = ssub.add_parser("irreps", help="EGNN: feature-norm share per l and layer, ablation of each l, optional retrain",
+                        description="Which irreps a trained EGNN uses: feature-norm share per l and layer, the test error\n"
+                                    "with each l ablated, and optionally a retrain at a lower lmax.")
+    p.add_argument("model", metavar="MODEL", help=MODEL_HELP + " (an EGNN)")
+    p.add_argument("data", metavar="DATA", nargs="?", default=None, help=DATA_HELP)
+    p.add_argument("--frames", type=int, default=1000, help="test frames for shares and ablation")
+    p.add_argument("--split", default="test", choices=["train", "test"], help="split of a named dataset")
     p.add_argument("--retrain", action="store_true",
                    help="train the architecture at its own lmax and at --retrain-lmax with the learning-curve budget; "
                         "report test MAE and latency of both")
     p.add_argument("--retrain-lmax", type=int, default=None, help="lmax of the reduced model (default: the model's lmax - 1)")
     p.add_argument("--retrain-dataset", default=None, help="training data of the retrain (default: the model's dataset)")
-    p.add_argument("--steps", type=int, default=lc.DEFAULT_STEPS, help=f"retrain budget in optimizer steps (default {lc.DEFAULT_STEPS})")
-    p.add_argument("--size", type=int, default=1000, help="retrain training configurations N = train + val (default 1000)")
-    p.add_argument("--test-size", type=int, default=None, help="retrain test subset size (default: whole test split)")
-    p.add_argument("--latency-calls", type=int, default=100, help="timed calls per model (median reported)")
-    p.add_argument("--runs-dir", default=None, help="retrain run folders (default runs/study/irreps-<model>)")
+    p.add_argument("--steps", type=int, default=lc.DEFAULT_STEPS, help="retrain budget in optimizer steps")
+    p.add_argument("--size", type=int, default=1000, help="retrain training configurations N = train + val")
+    p.add_argument("--test-size", type=int, default=None, help="retrain test subset size (default: the whole test split)")
+    p.add_argument("--latency-calls", type=int, default=100, help="timed calls per model (the median is reported)")
+    p.add_argument("--runs-dir", default=None, help="retrain run folders (default: runs/study/irreps-<model>)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="config override applied to the retrain runs")
+                   help="config override applied to the retrain runs (repeatable)")
     _common(p, "mlpot-study-irreps")
 
-    p = ssub.add_parser("symmetry", help="energy/forces under rotations, reflections, translations; non-symmetric baseline")
-    p.add_argument("model", help=MODEL_HELP)
+    p = ssub.add_parser("symmetry", help="energy/forces under rotations, reflections, translations; non-symmetric baseline",
+                        description="Energy and forces under random rotations, reflections and translations, against a\n"
+                                    "non-symmetric Cartesian MLP trained with increasing rotational augmentation.")
+    p.add_argument("model", metavar="MODEL", help=MODEL_HELP)
     p.add_argument("--structure", default=None, help="molecule, dataset or file (default: the model's dataset, first frame)")
-    p.add_argument("-n", "--num", type=int, default=100, help="random operations of each kind (default 100)")
-    p.add_argument("--dtype", choices=["float32", "float64"], default="float64", help="precision (default float64)")
+    p.add_argument("-n", "--num", type=int, default=100, help="random operations of each kind")
+    p.add_argument("--dtype", choices=DTYPE_NAMES, default="float64", help="precision")
     p.add_argument("--no-baseline", action="store_true", help="skip the non-symmetric Cartesian MLP")
-    p.add_argument("--copies", default="0,1,4,16,64,inf", help="augmentation levels: rotated copies per frame, inf = fresh each sample")
-    p.add_argument("--baseline-steps", type=int, default=10000, help="optimizer steps per augmentation level (default 10000)")
+    p.add_argument("--copies", default="0,1,4,16,64,inf",
+                   help="augmentation levels: rotated copies per frame, inf = fresh each sample")
+    p.add_argument("--baseline-steps", type=int, default=10000, help="optimizer steps per augmentation level")
     p.add_argument("--baseline-data", default=None, help="dataset of the baseline (default: the model's dataset)")
     p.add_argument("--train-frames", type=int, default=None, help="baseline training frames (default: the whole train split)")
-    p.add_argument("--test-frames", type=int, default=500, help="baseline test frames (default 500)")
+    p.add_argument("--test-frames", type=int, default=500, help="baseline test frames")
     _common(p, "mlpot-study-symmetry-<kind>")
+    return study
 
 
 def run(args):

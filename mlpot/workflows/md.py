@@ -269,7 +269,7 @@ def _molecule_label(molecule: str) -> str:
 
 def simulate(
     model,
-    molecule: str = "ethanol",
+    molecule: str,
     temperature_K: float = 500.0,
     time="10ps",
     timestep="0.5fs",
@@ -301,16 +301,24 @@ def simulate(
         reference_data: dataset name or file of the reference ensemble (default: the molecule's).
         traj_format: "traj" (ASE) or "extxyz".
         harmonic: also draw the Hessian frequencies of the relaxed structure on the power spectrum.
+
+    Raises:
+        ValueError: the model cannot take the starting structure (e.g. elements it does not know);
+            checked before anything is written.
     """
     label = _molecule_label(molecule)
-    out = Path(output_dir or f"mlpot-md-{label}")
-    out.mkdir(parents=True, exist_ok=True)
     atoms = analysis.load_structure(molecule, data_dir)
     named = molecule in MOLECULES or molecule in known_datasets()
     reference_spec = reference_data or (molecule if named else None)
     reference = analysis.load_ensemble(reference_spec, data_dir) if reference_spec else None
     bonds, lengths = reference_bonds(reference, atoms) if reference else (None, None)
     calc = load_calculator(model, dtype, device)
+    try:  # a start the model refuses (unknown elements, ...) is a wrong input, not a collapse of the dynamics
+        calc.get_potential_energy(atoms)
+    except ValueError as error:
+        raise ValueError(f"{molecule}: {error}") from None
+    out = Path(output_dir or f"mlpot-md-{label}")
+    out.mkdir(parents=True, exist_ok=True)
     traj_path = out / ("md.traj" if traj_format == "traj" else "md.xyz")
     run = run_md(atoms, calc, temperature_K, parse_time(time), parse_time(timestep), ensemble, bonds, lengths,
                  trajectory=traj_path, logfile=out / "md.log", friction_per_fs=friction_per_fs, seed=seed,

@@ -244,7 +244,7 @@ def test_train_committee_cli(tmp_path):
     config = write_yaml(tmp_path / "config.yaml", make_config(train_file, test_file, base, epochs=2))
     threads = torch.get_num_threads()
     try:
-        with pytest.raises(SystemExit):
+        with pytest.raises(ValueError, match=r"--committee needs K >= 2"):
             train_cli([str(config), "--quiet", "--committee", "1"])
         assert not base.exists()
         train_cli([str(config), "--quiet", "--committee", "2"])
