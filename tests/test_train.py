@@ -25,8 +25,9 @@ from mlpot import checkpoint, export, keys
 from mlpot.cli import evaluate, train as train_cli
 from mlpot.data import collate
 from mlpot.data.datasets import read_frames
+from mlpot.data.splits import frames_to_graphs
 from mlpot.train.config import ConfigError, config_from_dict
-from mlpot.train.loop import frames_to_graphs, train as run_training
+from mlpot.train.loop import train as run_training
 from mlpot.train.metrics import error_metrics, predict
 from mlpot.units import EV_TO_MEV, KCAL_PER_MOL_TO_EV
 
@@ -61,19 +62,11 @@ def write_yaml(path: Path, config: dict) -> Path:
     return path
 
 
-@pytest.fixture(autouse=True, scope="module")
-def keep_torch_threads():
-    """Runs set torch's thread count (train.num_threads); give the rest of the session its own back."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 def weights(run_dir: Path, name="last.pt") -> dict:
     state = torch.load(Path(run_dir) / name, map_location="cpu", weights_only=False)
     tensors = {f"potential.{k}": v for k, v in state["potential"]["state_dict"].items()}
-    if state.get("ema"):
-        tensors.update({f"ema.{k}": v for k, v in state["ema"]["shadow"].items()})
+    if state.get("ema"):  # AveragedModel's state: n_averaged and the averaged weights
+        tensors.update({f"ema.{k}": v for k, v in state["ema"].items()})
     return tensors
 
 
@@ -297,7 +290,7 @@ def test_resume_after_sigkill(finished_run, data, tmp_path):
         pytest.skip(f"the run finished all {EPOCHS} epochs before the kill landed; nothing left to resume")
     assert not (run_dir / "metrics.json").exists()
     # a kill in the middle of a checkpoint write leaves its temporary file behind: resume must tidy it
-    (run_dir / "last.ptx7k2q9.tmp").write_bytes(b"half a checkpoint")
+    (run_dir / "last.pt.x7k2q9.tmp").write_bytes(b"half a checkpoint")
 
     train_cli(["--resume", str(run_dir), "--quiet"])
     reference = finished_run["run_dir"]

@@ -55,7 +55,7 @@ def state_of(run_dir: Path, name: str) -> dict:
     state = torch.load(run_dir / name, map_location="cpu", weights_only=False)
     tensors = {f"potential.{k}": v for k, v in state["potential"]["state_dict"].items()}
     if state.get("ema"):
-        tensors.update({f"ema.{k}": v for k, v in state["ema"]["shadow"].items()})
+        tensors.update({f"ema.{k}": v for k, v in state["ema"].items()})  # n_averaged and the averages
     if state.get("optimizer"):
         for index, moments in state["optimizer"]["state"].items():
             tensors.update({f"optimizer.{index}.{k}": torch.as_tensor(v) for k, v in moments.items()})
