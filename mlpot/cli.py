@@ -102,7 +102,7 @@ def evaluate(argv: Optional[Sequence[str]] = None) -> None:
 
     from mlpot import export
     from mlpot.data import datasets
-    from mlpot.train.loop import frames_to_graphs
+    from mlpot.data.splits import frames_to_graphs
     from mlpot.train.metrics import error_metrics, format_metrics, predict
 
     dtype = getattr(torch, args.dtype) if args.dtype else None
