@@ -141,7 +141,7 @@ def _eval_parser(sub) -> Parser:
 def run_eval(args) -> dict:
     from mlpot import export
     from mlpot.data import datasets
-    from mlpot.train.loop import frames_to_graphs
+    from mlpot.data.splits import frames_to_graphs
     from mlpot.train.metrics import error_metrics, format_metrics, predict
 
     dtype = dtype_of(args.dtype) if args.dtype else None

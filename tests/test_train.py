@@ -25,8 +25,9 @@ from mlpot import checkpoint, export, keys
 from mlpot.cli import evaluate, train as train_cli
 from mlpot.data import collate
 from mlpot.data.datasets import read_frames
+from mlpot.data.splits import frames_to_graphs
 from mlpot.train.config import ConfigError, config_from_dict
-from mlpot.train.loop import frames_to_graphs, train as run_training
+from mlpot.train.loop import averaged_weights, epoch_batches, make_ema, train as run_training
 from mlpot.train.metrics import error_metrics, predict
 from mlpot.units import EV_TO_MEV, KCAL_PER_MOL_TO_EV
 
@@ -61,19 +62,11 @@ def write_yaml(path: Path, config: dict) -> Path:
     return path
 
 
-@pytest.fixture(autouse=True, scope="module")
-def keep_torch_threads():
-    """Runs set torch's thread count (train.num_threads); give the rest of the session its own back."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 def weights(run_dir: Path, name="last.pt") -> dict:
     state = torch.load(Path(run_dir) / name, map_location="cpu", weights_only=False)
     tensors = {f"potential.{k}": v for k, v in state["potential"]["state_dict"].items()}
-    if state.get("ema"):
-        tensors.update({f"ema.{k}": v for k, v in state["ema"]["shadow"].items()})
+    if state.get("ema"):  # AveragedModel's state: n_averaged and the averaged weights
+        tensors.update({f"ema.{k}": v for k, v in state["ema"].items()})
     return tensors
 
 
@@ -295,7 +288,7 @@ def test_resume_after_sigkill(finished_run, data, tmp_path):
         pytest.skip(f"the run finished all {EPOCHS} epochs before the kill landed; nothing left to resume")
     assert not (run_dir / "metrics.json").exists()
     # a kill in the middle of a checkpoint write leaves its temporary file behind: resume must tidy it
-    (run_dir / "last.ptx7k2q9.tmp").write_bytes(b"half a checkpoint")
+    (run_dir / "last.pt.x7k2q9.tmp").write_bytes(b"half a checkpoint")
 
     train_cli(["--resume", str(run_dir), "--quiet"])
     reference = finished_run["run_dir"]
@@ -395,16 +388,21 @@ def test_ddp_two_processes_match_one(data, tmp_path):
 
 # === 6. non-finite losses stop the run with a pointer to the cause ===
 def test_non_finite_loss_raises(data, tmp_path):
+    threads = torch.get_num_threads()
     config = config_from_dict(
-        make_config(data, tmp_path / "run", kind="gcn", epochs=3, lr=1e200, grad_clip=None, ema_decay=None)
+        make_config(data, tmp_path / "run", kind="gcn", epochs=3, lr=1e200, grad_clip=None, ema_decay=None,
+                    num_threads=threads + 1)
     )
     with pytest.raises(FloatingPointError, match=r"non-finite loss at epoch \d+, batch \d+ \(training frames \[[\d, ]+\]\); stopped .* lower train\.lr"):
         run_training(config, progress=False)
+    assert torch.get_num_threads() == threads, "train.num_threads outlived a run that raised"
 
 
 def test_non_finite_loss_can_skip_batches(data, tmp_path, capsys):
     """A batch whose labels are NaN is skipped with a warning and the weights stay finite."""
-    config = config_from_dict(make_config(data, tmp_path / "run", kind="gcn", epochs=1, grad_clip=None, ema_decay=None))
+    threads = torch.get_num_threads()
+    config = config_from_dict(make_config(data, tmp_path / "run", kind="gcn", epochs=1, grad_clip=None, ema_decay=None,
+                                          num_threads=threads + 1))
     config.train.on_nonfinite = "skip"
     from mlpot.train import loop
 
@@ -420,10 +418,48 @@ def test_non_finite_loss_can_skip_batches(data, tmp_path, capsys):
 
     loop.frames_to_graphs = poisoned
     try:
-        run_training(config, progress=True)
+        metrics = run_training(config, progress=True)
     finally:
         loop.frames_to_graphs = original
+    # train.num_threads held during the run (the report names it) and not after it
+    assert metrics["hardware"].endswith(f", {threads + 1} torch thread(s)") and torch.get_num_threads() == threads
     captured = capsys.readouterr()
     assert "batch skipped, weights unchanged" in captured.out + captured.err
     state = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
     assert all(torch.isfinite(v).all() for v in state["potential"]["state_dict"].values() if v.is_floating_point())
+
+
+# === 7. the building blocks: batches per epoch, EMA ===
+@pytest.mark.parametrize("num_frames", [8, 9, 10, 11])
+def test_epoch_batches_are_seeded_and_shared_out(num_frames):
+    """One seeded permutation per epoch (the one training has always used); two processes' shares of
+    batch k together are batch k of one process, an unevenly shared last batch left out."""
+    seed, size = 3, 4
+    for epoch in (0, 1):
+        single = epoch_batches(num_frames, size, seed, epoch)
+        order = torch.randperm(num_frames, generator=torch.Generator().manual_seed(seed * 100003 + epoch)).tolist()
+        assert single == [order[i : i + size] for i in range(0, num_frames, size)]
+        shares = [epoch_batches(num_frames, size, seed, epoch, rank, 2) for rank in (0, 1)]
+        assert [len(b) for b in shares[0]] == [len(b) for b in shares[1]]
+        expected = single if num_frames % 2 == 0 else single[:-1]
+        assert [sorted(a + b) for a, b in zip(*shares)] == [sorted(b) for b in expected]
+    assert epoch_batches(num_frames, size, seed, 0) != epoch_batches(num_frames, size, seed, 1)
+
+
+def test_ema_averages_and_is_swapped_in_for_a_block():
+    weights = torch.nn.ParameterList([torch.nn.Parameter(torch.tensor([1.0, -2.0], dtype=torch.float64))])
+    ema = make_ema(weights, 0.9)
+    expected = weights[0].detach().clone()
+    for value in (3.0, -1.0, 5.0):
+        with torch.no_grad():
+            weights[0].fill_(value)
+        ema.update_parameters(weights)
+        expected = 0.9 * expected + 0.1 * value
+    average = next(ema.module.parameters())
+    torch.testing.assert_close(average, expected, rtol=1e-15, atol=0)
+    own = torch.full((2,), 5.0, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="inside"):
+        with averaged_weights(list(weights), ema):
+            assert torch.equal(weights[0], average)
+            raise RuntimeError("inside")
+    assert torch.equal(weights[0], own), "the weights were not given back after the block"

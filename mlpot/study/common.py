@@ -199,7 +199,7 @@ def load_model_and_data(model_spec, data: Optional[str], split: Optional[str], n
 
 
 def graphs_of(frames: Frames, model: LoadedModel) -> List[Graph]:
-    from mlpot.train.loop import frames_to_graphs
+    from mlpot.data.splits import frames_to_graphs
 
     return frames_to_graphs(frames, model.meta["cutoff"], model.dtype)
 

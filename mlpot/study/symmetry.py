@@ -201,7 +201,7 @@ def run_baseline(dataset: str, copies_list: Sequence, steps: int, seed: int, tes
     result = {"dataset": dataset, "train_frames": len(train), "test_frames": len(test), "steps": steps, "rows": rows}
     if symmetric is not None:
         module, cutoff, dtype = symmetric
-        from mlpot.train.loop import frames_to_graphs
+        from mlpot.data.splits import frames_to_graphs
 
         sym = {}
         for name, (p, f) in sets.items():

@@ -1,33 +1,47 @@
-"""The training loop: E+F loss, EMA, LR schedule, atomic checkpoints, exact resume, test report, deploy."""
+"""The training loop: E+F loss, EMA, LR schedule, atomic checkpoints, exact resume, test report, deploy.
 
+:func:`train` runs the stages: set-up (:class:`Trainer`: run dir, resume state, data, model, optimizer,
+schedule, EMA, data parallelism), epochs (:meth:`Trainer.train_epoch`), evaluation
+(:meth:`Trainer.evaluate`), checkpoints and log (:meth:`Trainer.end_epoch`), then the test report
+(:func:`report`) and the deployed model (:func:`deploy`).
+"""
+
+import contextlib
 import csv
-import json
+import io
 import math
 import os
 import platform
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
-import numpy as np
 import torch
+import torch.distributed as dist
 import yaml
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.utils.data.distributed import DistributedSampler
 from tqdm.auto import tqdm
 
-from mlpot import export, keys
-from mlpot.checkpoint import atomic_torch_save, describe, potential_from_description
+from mlpot import export, files, keys
+from mlpot.checkpoint import describe, potential_from_description
 from mlpot.data import datasets
-from mlpot.data.datasets import Frames, block_split, load_dataset, split_indices
-from mlpot.data.graph import Graph, collate, make_graph
-from mlpot.models import DTYPES as _DTYPES
+from mlpot.data.datasets import Frames, load_dataset
+from mlpot.data.graph import collate
+from mlpot.data.splits import frames_to_graphs, split_frames
+from mlpot.data.statistics import fit_statistics
+from mlpot.dtypes import dtype_of
 from mlpot.models import build_potential
 from mlpot.train.compiled import CompiledTraining
 from mlpot.train.config import Config, ConfigError
 from mlpot.train.metrics import error_metrics, format_metrics, predict
 
+# the files of a run directory, each written atomically (files.atomic_path: ``<name>.<random>.tmp``)
+RUN_FILES = ("config.yaml", "last.pt", "best.pt", "log.csv", "metrics.json", "model.pt")
 
 
-# === data ===
+# === data: the config glue around mlpot.data.splits ===
 def _load(name_or_path: str, split: Optional[str], cfg: Config, key: str = "data.dataset") -> Frames:
     if not Path(name_or_path).is_file() and name_or_path not in datasets.known_datasets():
         raise ConfigError(
@@ -40,104 +54,55 @@ def _load(name_or_path: str, split: Optional[str], cfg: Config, key: str = "data
         raise ConfigError(f"{key}: {err}") from None
 
 
-def split_frames(cfg: Config) -> Tuple[Frames, Frames, Frames]:
-    """(train, val, test) frames. Named sets with a test split (sGDML, rMD17, xTB) draw train and val
-    from the training file and test from the test file; single files are split into contiguous blocks
-    (their frames are a correlated trajectory), train and val drawn at random from the first block."""
+def load_splits(cfg: Config) -> Tuple[Frames, Frames, Frames]:
+    """(train, val, test) frames of ``cfg.data``. Named sets with a test split (sGDML, rMD17, xTB) draw
+    train and val from the training file and test from the test file; a single file is split into
+    contiguous blocks (see :func:`mlpot.data.splits.split_frames`)."""
     d = cfg.data
-    is_file = Path(d.dataset).is_file()
-    has_test_file = not is_file and d.dataset not in datasets.SINGLE_FILE_DATASETS
+    has_test_file = not Path(d.dataset).is_file() and d.dataset not in datasets.SINGLE_FILE_DATASETS
     pool = _load(d.dataset, "train" if has_test_file else None, cfg)
-    n_fit = d.train_size + d.val_size
-    if d.test_dataset or has_test_file:
-        test = _load(d.test_dataset, None, cfg, "data.test_dataset") if d.test_dataset else _load(d.dataset, "test", cfg)
-        if d.test_size is not None:
-            test = test.subset(split_indices(len(test), [d.test_size], d.seed)[0])
-        fit_idx = np.arange(len(pool))
-    else:
-        n_test = d.test_size if d.test_size is not None else len(pool) - n_fit
-        if n_test < 1:
-            raise ConfigError(f"data: {len(pool)} frames leave none for testing after {n_fit} for train+val")
-        fit_idx, test_idx = block_split(len(pool), [len(pool) - n_test, n_test])
-        test = pool.subset(test_idx)
-    if n_fit > len(fit_idx):
-        raise ConfigError(f"data: train_size + val_size = {n_fit} but only {len(fit_idx)} frames are available")
-    train_idx, val_idx = split_indices(len(fit_idx), [d.train_size, d.val_size], d.seed)
-    return pool.subset(fit_idx[train_idx]), pool.subset(fit_idx[val_idx]), test
-
-
-def frames_to_graphs(frames: Frames, cutoff: float, dtype: torch.dtype, device="cpu") -> List[Graph]:
-    """Labelled graphs (``energy_ref``, ``forces_ref``) of every frame."""
-    graphs = []
-    for i in range(len(frames)):
-        g = make_graph(frames.numbers[i], frames.positions[i], cutoff, dtype=dtype, device=device)
-        g[keys.ENERGY_REF] = torch.tensor([frames.energy[i]], dtype=dtype, device=device)
-        g[keys.FORCES_REF] = torch.as_tensor(frames.forces[i], dtype=dtype, device=device)
-        graphs.append(g)
-    return graphs
-
-
-def fit_statistics(frames: Frames, species: List[int], cutoff: float) -> Dict[str, object]:
-    """Per-species energy shift (least squares on composition), force RMS scale, mean neighbour count."""
-    counts = np.array([[np.sum(z == s) for s in species] for z in frames.numbers], dtype=np.float64)
-    shift, *_ = np.linalg.lstsq(counts, frames.energy, rcond=None)
-    forces = np.concatenate(frames.forces)
-    scale = float(np.sqrt((forces**2).mean())) or 1.0
-    sample = range(0, len(frames), max(1, len(frames) // 50))
-    neighbors = [make_graph(frames.numbers[i], frames.positions[i], cutoff)[keys.EDGE_INDEX].shape[1] / len(frames.numbers[i]) for i in sample]
-    return {
-        "energy_shift": shift.tolist(),
-        "energy_scale": scale,
-        "avg_num_neighbors": float(np.mean(neighbors)),
-        "min_pair_distances": min_pair_distances(frames),
-    }
-
-
-def min_pair_distances(frames: Frames) -> Dict[str, float]:
-    """Shortest distance seen for each element pair, Å, keyed ``"Z1-Z2"`` with Z1 <= Z2."""
-    shortest: Dict[Tuple[int, int], float] = {}
-    for numbers, positions in zip(frames.numbers, frames.positions):
-        diff = positions[None] - positions[:, None]
-        dist = np.sqrt(np.einsum("ijk,ijk->ij", diff, diff))
-        i, j = np.triu_indices(len(numbers), k=1)
-        pairs = np.sort(np.stack([numbers[i], numbers[j]], axis=1), axis=1)
-        for pair in np.unique(pairs, axis=0):
-            mask = (pairs[:, 0] == pair[0]) & (pairs[:, 1] == pair[1])
-            key = (int(pair[0]), int(pair[1]))
-            shortest[key] = min(shortest.get(key, np.inf), float(dist[i[mask], j[mask]].min()))
-    return {f"{a}-{b}": round(d, 4) for (a, b), d in sorted(shortest.items())}
+    test = None
+    if d.test_dataset:
+        test = _load(d.test_dataset, None, cfg, "data.test_dataset")
+    elif has_test_file:
+        test = _load(d.dataset, "test", cfg)
+    try:
+        return split_frames(pool, d.train_size, d.val_size, d.seed, test=test, test_size=d.test_size)
+    except ValueError as err:
+        raise ConfigError(f"data: {err}") from None
 
 
 # === optimisation pieces ===
-class EMA:
-    """Exponential moving average of the trainable parameters: shadow <- d * shadow + (1 - d) * p."""
+def make_ema(weights: torch.nn.ParameterList, decay: float) -> AveragedModel:
+    """Exponential moving average of ``weights`` (average <- decay * average + (1 - decay) * w after
+    each ``ema.update_parameters(weights)``), starting from their current values.
 
-    def __init__(self, model: torch.nn.Module, decay: float):
-        self.decay = decay
-        self.shadow = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    It averages a ParameterList of the potential's weights rather than a copy of the whole potential:
+    AveragedModel deep-copies its module, and a deep copy of e3nn's generated modules gains a buffer
+    the original lacks (so ``update_parameters``, which also copies the buffers, would fail).
+    :func:`averaged_weights` puts the averages into the potential for evaluation and best.pt.
+    """
+    ema = AveragedModel(weights, multi_avg_fn=get_ema_multi_avg_fn(decay))
+    ema.update_parameters(weights)  # the first update copies
+    return ema
 
-    @torch.no_grad()
-    def update(self, model: torch.nn.Module) -> None:
-        for n, p in model.named_parameters():
-            if n in self.shadow:
-                self.shadow[n].mul_(self.decay).add_(p.detach(), alpha=1.0 - self.decay)
 
-    @torch.no_grad()
-    def swap(self, model: torch.nn.Module) -> None:
-        """Exchange the model's weights with the averaged ones (call twice to undo)."""
-        for n, p in model.named_parameters():
-            if n in self.shadow:
-                tmp = p.detach().clone()
-                p.copy_(self.shadow[n])
-                self.shadow[n].copy_(tmp)
-
-    def state_dict(self) -> dict:
-        return {"decay": self.decay, "shadow": self.shadow}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.decay = state["decay"]
-        for n, v in state["shadow"].items():
-            self.shadow[n].copy_(v)
+@contextlib.contextmanager
+def averaged_weights(params: List[torch.nn.Parameter], ema: Optional[AveragedModel]) -> Iterator[None]:
+    """Inside the block ``params`` hold the EMA's averages (when there is an EMA), after it their own values."""
+    if ema is None:
+        yield
+        return
+    own = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p, average in zip(params, ema.module.parameters(), strict=True):
+            p.copy_(average)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, value in zip(params, own, strict=True):
+                p.copy_(value)
 
 
 def make_optimizer(params, name: str = "adam", lr: float = 1e-3, weight_decay: float = 0.0) -> torch.optim.Optimizer:
@@ -182,24 +147,69 @@ def cosine_lr(cfg: Config, epoch: int, elapsed: float) -> float:
     return t.min_lr + (t.lr - t.min_lr) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-# === distributed ===
+# === data parallelism (torchrun) ===
 def _distributed() -> Tuple[int, int]:
     """(rank, world size); starts the process group when launched by torchrun."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return 0, 1
-    import torch.distributed as dist
-
     if not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return dist.get_rank(), world
 
 
+class _CompiledStep(torch.nn.Module):
+    """The compiled training step behind a module's forward, for DistributedDataParallel.
+
+    CompiledTraining calls a compiled function of the weights, not the potential's forward. DDP
+    all-reduces only the gradients of a backward that follows its own forward (that is where it arms
+    its gradient hooks), so the compiled step has to be called through DDP like a module's forward.
+    Its backward then reaches the weights' gradient accumulators as the eager one does (checked: two
+    gloo processes with ``train.compile`` give one eager process's weights to 1e-10).
+    """
+
+    def __init__(self, compiled: CompiledTraining):
+        super().__init__()
+        self.potential = compiled.potential  # registered, so that DDP finds the weights
+        self.compiled = compiled
+
+    def forward(self, batch):
+        return self.compiled(batch)
+
+
+def _training_step(potential, compile: bool, world: int, device: torch.device):
+    """What a training batch is passed through: the potential or its compiled step, under
+    DistributedDataParallel (gradients averaged over the processes in backward) when ``world > 1``.
+    DDP expects a gradient for every trainable weight in each backward (every model kind gives one)."""
+    step = CompiledTraining(potential) if compile else potential
+    if world == 1:
+        return step
+    module = _CompiledStep(step) if compile else potential
+    return DistributedDataParallel(module, device_ids=[device] if device.type == "cuda" else None)
+
+
+def epoch_batches(num_frames: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world: int = 1) -> List[List[int]]:
+    """Frame indices of this process's share of each training batch of ``epoch``.
+
+    Each epoch has one permutation of the frames, seeded by (seed, epoch); batch k of it is split among
+    the ``world`` processes (strided, by DistributedSampler), so that together they step on exactly
+    the batches one process would.
+    """
+    sampler = DistributedSampler(range(num_frames), num_replicas=world, rank=rank, shuffle=True,
+                                 seed=seed * 100003, drop_last=True)  # drop_last: as many frames for each
+    sampler.set_epoch(epoch)
+    order = list(sampler)
+    size = batch_size // world
+    batches = [order[i : i + size] for i in range(0, len(order), size)]
+    if world > 1 and num_frames % world:
+        # the last batch cannot be shared equally (the sampler dropped a few of its frames): leave it out
+        batches = [b for b in batches if len(b) == size]
+    return batches
+
+
 def _sync_epoch(sums: Dict[str, float], elapsed: float, world: int, device) -> Tuple[Dict[str, float], float]:
     """Average the ranks' training sums (each saw only its shards), and give every rank rank 0's
     clock so that all make the same ``max_time`` decision (differing ones deadlock the all-reduce)."""
-    import torch.distributed as dist
-
     names = sorted(sums)
     values = torch.tensor([sums[n] for n in names], dtype=torch.float64, device=device)
     dist.all_reduce(values)
@@ -208,16 +218,7 @@ def _sync_epoch(sums: Dict[str, float], elapsed: float, world: int, device) -> T
     return dict(zip(names, (values / world).tolist())), float(clock.item())
 
 
-def _average_gradients(model: torch.nn.Module, world: int) -> None:
-    import torch.distributed as dist
-
-    for p in model.parameters():
-        if p.grad is not None:
-            dist.all_reduce(p.grad)
-            p.grad /= world
-
-
-# === the run ===
+# === set-up ===
 def _device(name: str) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
@@ -229,6 +230,254 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def _check_run_dir(run_dir: Path, resume: bool, main: bool) -> bool:
+    """Whether there is a run to resume; tidies what kills left behind, refuses to overwrite a run."""
+    last = run_dir / "last.pt"
+    if resume and main:  # temporary files of writes that a kill interrupted
+        for name in RUN_FILES:
+            for stale in run_dir.glob(f"{name}*{files.TMP_SUFFIX}*"):
+                stale.unlink(missing_ok=True)
+    if resume and not last.is_file():
+        if not (run_dir / "config.yaml").is_file():
+            raise FileNotFoundError(f"cannot resume: {last} does not exist")
+        resume = False  # stopped before its first checkpoint: nothing to continue, so the run starts over
+    if not resume and last.exists():
+        raise ConfigError(f"run_dir {run_dir} already holds a run; use --resume or another run_dir")
+    return resume
+
+
+def _build_potential(cfg: Config, train_frames: Frames, state: Optional[dict], device):
+    """(potential, training-set statistics): rebuilt from a checkpoint's ``state``, or new, its energy
+    shift and scale (and an egnn's neighbour count) fitted to the training frames."""
+    if state is not None:
+        return potential_from_description(state["potential"]).to(device), state["statistics"]
+    species = sorted({int(z) for zs in train_frames.numbers for z in zs})
+    stats = fit_statistics(train_frames, species, cfg.model.cutoff)
+    hparams = dict(cfg.model.hparams)
+    if cfg.model.kind == "egnn":
+        hparams.setdefault("avg_num_neighbors", stats["avg_num_neighbors"])
+    potential = build_potential(
+        cfg.model.kind, species, cfg.model.cutoff, dtype=dtype_of(cfg.model.dtype),
+        energy_shift=torch.tensor(stats["energy_shift"]), energy_scale=stats["energy_scale"], **hparams,
+    )
+    return potential.to(device), stats
+
+
+class Trainer:
+    """One training run of ``cfg`` in this process (rank ``rank`` of ``world`` under torchrun).
+
+    Building it does the set-up: run dir checks, resume state, data, model, optimizer, schedule, EMA.
+    :meth:`fit` then runs the epochs, writing checkpoints and the log as it goes.
+    """
+
+    def __init__(self, cfg: Config, resume: bool = False, rank: int = 0, world: int = 1):
+        t = cfg.train
+        self.cfg, self.rank, self.world, self.main = cfg, rank, world, rank == 0
+        self.run_dir = Path(cfg.run_dir)
+        self.last_path, self.best_path = self.run_dir / "last.pt", self.run_dir / "best.pt"
+        self.device = _device(t.device)
+        if world > 1 and t.batch_size % world:
+            raise ConfigError(f"train.batch_size ({t.batch_size}) must be a multiple of the {world} processes")
+        resume = _check_run_dir(self.run_dir, resume, self.main)
+
+        train_frames, val_frames, self.test_frames = load_splits(cfg)
+        torch.manual_seed(t.seed)  # the weights' initialisation
+        state = torch.load(self.last_path, map_location=self.device, weights_only=False) if resume else None
+        self.potential, self.stats = _build_potential(cfg, train_frames, state, self.device)
+        dtype = dtype_of(cfg.model.dtype)
+        self.train_graphs = frames_to_graphs(train_frames, cfg.model.cutoff, dtype, self.device)
+        self.val_graphs = frames_to_graphs(val_frames, cfg.model.cutoff, dtype, self.device)
+
+        self.params = [p for p in self.potential.parameters() if p.requires_grad]
+        self.weights = torch.nn.ParameterList(self.params)  # the same tensors, for the EMA's updates
+        self.optimizer = make_optimizer(self.params, t.optimizer, t.lr, t.weight_decay)
+        self.step_model = _training_step(self.potential, t.compile, world, self.device)
+        self.scheduler = _make_scheduler(self.optimizer, cfg)
+        self.ema = make_ema(self.weights, t.ema_decay) if t.ema_decay else None
+        self.loss_of = _loss_fn(t.loss, t.huber_delta)
+        self.history: List[dict] = []
+        self.start_epoch, self.best_metric, self.best_epoch, self.elapsed = 0, float("inf"), -1, 0.0
+        if state is not None:
+            self._restore(state)
+
+    def _restore(self, state: dict) -> None:
+        """Continue from a ``last.pt`` exactly: optimizer, schedule, EMA, history, clock."""
+        if isinstance(state.get("ema"), dict) and "shadow" in state["ema"]:
+            raise ConfigError(f"{self.last_path} was written by an older mlpot and cannot be resumed; start a new run_dir")
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and state["scheduler"] is not None:
+            self.scheduler.load_state_dict(state["scheduler"])  # a resume may switch schedules: then start afresh
+        if self.ema is not None and state["ema"] is not None:
+            self.ema.load_state_dict(state["ema"])
+        self.history = state["history"]
+        self.start_epoch, self.best_metric = state["epoch"] + 1, state["best_metric"]
+        self.best_epoch, self.elapsed = state["best_epoch"], state["elapsed"]
+
+    # === epochs ===
+    def fit(self, progress: bool = True) -> str:
+        """Train until ``train.epochs``, ``max_time`` or early stopping; returns which of them stopped it."""
+        t = self.cfg.train
+        if self.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            files.write_text(self.run_dir / "config.yaml", yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
+        writer = _tensorboard(self.run_dir) if self.main else None
+        if t.compile and self.main and progress:
+            tqdm.write("train.compile: the first training step traces and compiles the model (10-90 s on a CPU)")
+        try:
+            for epoch in range(self.start_epoch, t.epochs):
+                stopped = self._stop_reason(epoch)
+                if stopped:
+                    return stopped
+                tic = time.perf_counter()
+                sums, steps = self.train_epoch(epoch, progress)
+                val, val_metric = self.evaluate()
+                self.end_epoch(epoch, tic, sums, steps, val, val_metric, writer, progress)
+            return "epochs"
+        finally:
+            if writer is not None:
+                writer.close()
+
+    def _stop_reason(self, epoch: int) -> Optional[str]:
+        t = self.cfg.train
+        if t.max_time is not None and self.elapsed >= t.max_time:
+            return "max_time"
+        patience = t.early_stopping_patience
+        if patience is not None and self.best_epoch >= 0 and epoch - self.best_epoch > patience:
+            return "early_stopping"
+        return None
+
+    def train_epoch(self, epoch: int, progress: bool = True) -> Tuple[Dict[str, float], int]:
+        """One pass over the training frames. Returns the sums over batches of the loss and of the
+        energy (meV/atom) and force (meV/Å) MAEs, and the number of batches stepped on."""
+        t = self.cfg.train
+        if t.scheduler == "cosine":
+            for group in self.optimizer.param_groups:
+                group["lr"] = cosine_lr(self.cfg, epoch, self.elapsed)
+        self.potential.train()
+        batches = epoch_batches(len(self.train_graphs), t.batch_size, t.seed, epoch, self.rank, self.world)
+        sums = {"loss": 0.0, "e": 0.0, "f": 0.0}
+        skipped = 0
+        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{t.epochs}", disable=not (progress and self.main), leave=False)
+        for step, idx in enumerate(bar):
+            batch = collate([self.train_graphs[i] for i in idx])
+            out = self.step_model(batch)
+            e_err = (out[keys.ENERGY] - batch[keys.ENERGY_REF]) / batch[keys.NUM_ATOMS]
+            f_err = out[keys.FORCES] - batch[keys.FORCES_REF]
+            loss = t.energy_weight * self.loss_of(e_err) + t.forces_weight * self.loss_of(f_err)
+            if self._nonfinite_anywhere(loss):
+                skipped += 1
+                self._skip_or_stop(f"non-finite loss at epoch {epoch + 1}, batch {step} (training frames {idx})", skipped)
+                continue
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()  # under DDP the gradients come out averaged over the processes
+            if t.grad_clip:
+                torch.nn.utils.clip_grad_norm_(self.params, t.grad_clip)
+            self.optimizer.step()
+            if self.ema is not None:
+                self.ema.update_parameters(self.weights)
+            sums["loss"] += loss.item()
+            sums["e"] += e_err.abs().mean().item() * 1000
+            sums["f"] += f_err.abs().mean().item() * 1000
+            n = step + 1 - skipped
+            bar.set_postfix(E_meV_atom=f"{sums['e'] / n:.2f}", F_meV_A=f"{sums['f'] / n:.1f}")
+        bar.close()
+        return sums, max(1, len(batches) - skipped)
+
+    def _nonfinite_anywhere(self, loss: torch.Tensor) -> bool:
+        bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=self.device)
+        if self.world > 1:
+            dist.all_reduce(bad)  # every process skips or stops together
+        return bad.item() > 0
+
+    def _skip_or_stop(self, message: str, skipped: int) -> None:
+        t = self.cfg.train
+        if t.on_nonfinite == "stop" or skipped > t.max_skipped_batches:
+            where = (
+                f"the last good state is {self.last_path}: lower train.lr or check the data, then resume with "
+                f"--resume {self.run_dir}" if self.last_path.is_file() else "no epoch finished: lower train.lr or check the data"
+            )
+            raise FloatingPointError(f"{message}; stopped ({skipped} bad batch(es) this epoch); {where}")
+        if self.main:
+            tqdm.write(f"warning: {message}: batch skipped, weights unchanged")
+
+    def evaluate(self) -> Tuple[Dict[str, float], float]:
+        """Validation errors of the (EMA-averaged) weights, and the metric that picks the best epoch and
+        drives the plateau schedule: the per-atom energy and force terms of the loss (eV², (eV/Å)²)."""
+        t = self.cfg.train
+        self.potential.eval()
+        with averaged_weights(self.params, self.ema):
+            val = error_metrics(predict(self.potential, self.val_graphs))
+        metric = t.energy_weight * (val["energy_per_atom_mae_meV"] / 1000) ** 2 + t.forces_weight * (val["forces_mae_meV_per_A"] / 1000) ** 2
+        return val, metric
+
+    def end_epoch(self, epoch, tic, sums, steps, val, val_metric, writer, progress) -> None:
+        """Step the plateau schedule, log the epoch and (on rank 0) write best.pt, last.pt and log.csv."""
+        if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            self.scheduler.step(val_metric)
+        self.elapsed += time.perf_counter() - tic
+        if self.world > 1:
+            sums, self.elapsed = _sync_epoch(sums, self.elapsed, self.world, self.device)
+        improved = val_metric < self.best_metric
+        if improved:
+            self.best_metric, self.best_epoch = val_metric, epoch
+        row = {
+            "epoch": epoch + 1, "time_s": round(self.elapsed, 2), "lr": self.optimizer.param_groups[0]["lr"],
+            "train_loss": sums["loss"] / steps, "train_energy_mae_meV_per_atom": sums["e"] / steps,
+            "train_forces_mae_meV_per_A": sums["f"] / steps,
+            "val_energy_mae_meV": val["energy_mae_meV"], "val_forces_mae_meV_per_A": val["forces_mae_meV_per_A"],
+        }
+        self.history.append(row)
+        if not self.main:
+            return
+        if improved:
+            with averaged_weights(self.params, self.ema):
+                files.torch_save({"potential": describe(self.potential), "epoch": epoch, "val": val}, self.best_path)
+        files.torch_save(
+            {
+                "potential": describe(self.potential), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+                "ema": self.ema.state_dict() if self.ema is not None else None, "epoch": epoch,
+                "best_metric": self.best_metric, "best_epoch": self.best_epoch, "elapsed": self.elapsed,
+                "history": self.history, "statistics": self.stats, "config": self.cfg.to_dict(),
+            },
+            self.last_path,
+        )
+        _write_log(self.run_dir / "log.csv", self.history)
+        if writer is not None:
+            for name, value in row.items():
+                if name != "epoch":
+                    writer.add_scalar(name, value, epoch + 1)
+            writer.flush()
+        if progress:
+            tqdm.write(
+                f"epoch {epoch + 1}: val E MAE {val['energy_mae_meV']:.2f} meV, F MAE {val['forces_mae_meV_per_A']:.2f} meV/Å, "
+                f"lr {row['lr']:.2e}, {self.elapsed:.0f} s"
+            )
+
+
+def train(cfg: Config, resume: bool = False, progress: bool = True) -> Dict[str, object]:
+    """Fit a potential as ``cfg`` says; writes checkpoints, logs, metrics, plots and model.pt to ``cfg.run_dir``.
+
+    With ``resume=True`` the run continues from ``run_dir/last.pt`` exactly where it stopped
+    (weights, optimizer, scheduler, EMA, epoch; batches are shuffled with a per-epoch seed).
+    ``train.num_threads`` holds for the run only: torch's thread count is restored on return.
+    Returns the test metrics (an empty dict on ranks other than 0).
+    """
+    rank, world = _distributed()
+    threads = torch.get_num_threads()
+    try:
+        if cfg.train.num_threads:
+            torch.set_num_threads(cfg.train.num_threads)
+        trainer = Trainer(cfg, resume, rank, world)
+        stopped = trainer.fit(progress)
+        if rank != 0:
+            return {}
+        return finish(cfg, trainer.test_frames, trainer.history, stopped, trainer.elapsed, trainer.device, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+# === report and deploy ===
 def _hardware(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -241,200 +490,6 @@ def _hardware(device: torch.device) -> str:
     return f"{name}, {torch.get_num_threads()} torch thread(s)"
 
 
-def train(cfg: Config, resume: bool = False, progress: bool = True) -> Dict[str, object]:
-    """Fit a potential as ``cfg`` says; writes checkpoints, logs, metrics, plots and model.pt to ``cfg.run_dir``.
-
-    With ``resume=True`` the run continues from ``run_dir/last.pt`` exactly where it stopped
-    (weights, optimizer, scheduler, EMA, epoch; batches are shuffled with a per-epoch seed).
-    Returns the test metrics.
-    """
-    rank, world = _distributed()
-    main = rank == 0
-    t = cfg.train
-    run_dir = Path(cfg.run_dir)
-    last_path, best_path = run_dir / "last.pt", run_dir / "best.pt"
-    if t.num_threads:
-        torch.set_num_threads(t.num_threads)
-    device = _device(t.device)
-    if world > 1 and t.batch_size % world:
-        raise ConfigError(f"train.batch_size ({t.batch_size}) must be a multiple of the {world} processes")
-    dtype = _DTYPES[cfg.model.dtype]
-    if resume and main:  # temporary files of writes that a kill interrupted
-        for pattern in ("last.pt*.tmp", "best.pt*.tmp", "model.pt*.tmp", "log.csv.tmp", "config.yaml.tmp", "metrics.json.tmp"):
-            for stale in run_dir.glob(pattern):
-                stale.unlink(missing_ok=True)
-    if resume and not last_path.is_file():
-        if not (run_dir / "config.yaml").is_file():
-            raise FileNotFoundError(f"cannot resume: {last_path} does not exist")
-        resume = False  # stopped before its first checkpoint: nothing to continue, so the run starts over
-    if not resume and last_path.exists():
-        raise ConfigError(f"run_dir {run_dir} already holds a run; use --resume or another run_dir")
-
-    train_frames, val_frames, test_frames = split_frames(cfg)
-    species = sorted({int(z) for zs in train_frames.numbers for z in zs})
-    torch.manual_seed(t.seed)
-    if resume:
-        state = torch.load(last_path, map_location=device, weights_only=False)
-        potential = potential_from_description(state["potential"]).to(device)
-        stats = state["statistics"]
-    else:
-        state = None
-        stats = fit_statistics(train_frames, species, cfg.model.cutoff)
-        hparams = dict(cfg.model.hparams)
-        if cfg.model.kind == "egnn":
-            hparams.setdefault("avg_num_neighbors", stats["avg_num_neighbors"])
-        potential = build_potential(
-            cfg.model.kind, species, cfg.model.cutoff, dtype=dtype,
-            energy_shift=torch.tensor(stats["energy_shift"]), energy_scale=stats["energy_scale"], **hparams,
-        ).to(device)
-    train_graphs = frames_to_graphs(train_frames, cfg.model.cutoff, dtype, device)
-    val_graphs = frames_to_graphs(val_frames, cfg.model.cutoff, dtype, device)
-
-    params = [p for p in potential.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, t.optimizer, t.lr, t.weight_decay)
-    step_model = CompiledTraining(potential) if t.compile else potential
-    scheduler = _make_scheduler(optimizer, cfg)
-    ema = EMA(potential, t.ema_decay) if t.ema_decay else None
-    loss_of = _loss_fn(t.loss, t.huber_delta)
-    history: List[dict] = []
-    start_epoch, best_metric, best_epoch, elapsed = 0, float("inf"), -1, 0.0
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        if scheduler is not None and state["scheduler"] is not None:
-            scheduler.load_state_dict(state["scheduler"])  # a resume may switch schedules: then start afresh
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
-        history = state["history"]
-        start_epoch, best_metric, best_epoch, elapsed = state["epoch"] + 1, state["best_metric"], state["best_epoch"], state["elapsed"]
-
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        _write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    writer = _tensorboard(run_dir) if main else None
-    if t.compile and main and progress:
-        tqdm.write("train.compile: the first training step traces and compiles the model (10-90 s on a CPU)")
-    stopped = "epochs"
-    for epoch in range(start_epoch, t.epochs):
-        if t.max_time is not None and elapsed >= t.max_time:
-            stopped = "max_time"
-            break
-        if t.early_stopping_patience is not None and epoch - best_epoch > t.early_stopping_patience and best_epoch >= 0:
-            stopped = "early_stopping"
-            break
-        tic = time.perf_counter()
-        if t.scheduler == "cosine":
-            for group in optimizer.param_groups:
-                group["lr"] = cosine_lr(cfg, epoch, elapsed)
-        potential.train()
-        order = torch.randperm(len(train_graphs), generator=torch.Generator().manual_seed(t.seed * 100003 + epoch))
-        batches = [order[i : i + t.batch_size] for i in range(0, len(order), t.batch_size)]
-        if world > 1 and len(batches[-1]) % world:
-            batches.pop()  # every process needs an equal share of each batch
-        sums = {"loss": 0.0, "e": 0.0, "f": 0.0}
-        skipped = 0
-        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{t.epochs}", disable=not (progress and main), leave=False)
-        for step, idx in enumerate(bar):
-            shard = idx[rank::world]
-            batch = collate([train_graphs[i] for i in shard.tolist()])
-            out = step_model(batch)
-            e_err = (out[keys.ENERGY] - batch[keys.ENERGY_REF]) / batch[keys.NUM_ATOMS]
-            f_err = out[keys.FORCES] - batch[keys.FORCES_REF]
-            loss = t.energy_weight * loss_of(e_err) + t.forces_weight * loss_of(f_err)
-            bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0])
-            if world > 1:
-                import torch.distributed as dist
-
-                dist.all_reduce(bad)  # every process skips or stops together
-            if bad.item() > 0:
-                message = (
-                    f"non-finite loss at epoch {epoch + 1}, batch {step} (training frames {idx.tolist()})"
-                )
-                skipped += 1
-                if t.on_nonfinite == "stop" or skipped > t.max_skipped_batches:
-                    where = (
-                        f"the last good state is {last_path}: lower train.lr or check the data, then resume with "
-                        f"--resume {run_dir}" if last_path.is_file() else "no epoch finished: lower train.lr or check the data"
-                    )
-                    raise FloatingPointError(f"{message}; stopped ({skipped} bad batch(es) this epoch); {where}")
-                if main:
-                    tqdm.write(f"warning: {message}: batch skipped, weights unchanged")
-                continue
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if world > 1:
-                _average_gradients(potential, world)
-            if t.grad_clip:
-                torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
-            optimizer.step()
-            if ema is not None:
-                ema.update(potential)
-            sums["loss"] += loss.item()
-            sums["e"] += e_err.abs().mean().item() * 1000
-            sums["f"] += f_err.abs().mean().item() * 1000
-            n = step + 1 - skipped
-            bar.set_postfix(E_meV_atom=f"{sums['e'] / n:.2f}", F_meV_A=f"{sums['f'] / n:.1f}")
-        bar.close()
-
-        steps = max(1, len(batches) - skipped)
-        potential.eval()
-        if ema is not None:
-            ema.swap(potential)
-        val = error_metrics(predict(potential, val_graphs))
-        if ema is not None:
-            ema.swap(potential)
-        # the per-atom energy and force terms of the loss, on the validation set
-        val_metric = t.energy_weight * (val["energy_per_atom_mae_meV"] / 1000) ** 2 + t.forces_weight * (val["forces_mae_meV_per_A"] / 1000) ** 2
-        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            scheduler.step(val_metric)
-        elapsed += time.perf_counter() - tic
-        if world > 1:
-            sums, elapsed = _sync_epoch(sums, elapsed, world, device)
-        improved = val_metric < best_metric
-        if improved:
-            best_metric, best_epoch = val_metric, epoch
-        row = {
-            "epoch": epoch + 1, "time_s": round(elapsed, 2), "lr": optimizer.param_groups[0]["lr"],
-            "train_loss": sums["loss"] / steps, "train_energy_mae_meV_per_atom": sums["e"] / steps,
-            "train_forces_mae_meV_per_A": sums["f"] / steps,
-            "val_energy_mae_meV": val["energy_mae_meV"], "val_forces_mae_meV_per_A": val["forces_mae_meV_per_A"],
-        }
-        history.append(row)
-        if main:
-            if improved:
-                if ema is not None:
-                    ema.swap(potential)
-                atomic_torch_save({"potential": describe(potential), "epoch": epoch, "val": val}, best_path)
-                if ema is not None:
-                    ema.swap(potential)
-            atomic_torch_save(
-                {
-                    "potential": describe(potential), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                    "ema": ema.state_dict() if ema is not None else None, "epoch": epoch,
-                    "best_metric": best_metric, "best_epoch": best_epoch, "elapsed": elapsed,
-                    "history": history, "statistics": stats, "config": cfg.to_dict(),
-                },
-                last_path,
-            )
-            _write_log(run_dir / "log.csv", history)
-            if writer is not None:
-                for name, value in row.items():
-                    if name != "epoch":
-                        writer.add_scalar(name, value, epoch + 1)
-                writer.flush()
-            if progress:
-                tqdm.write(
-                    f"epoch {epoch + 1}: val E MAE {val['energy_mae_meV']:.2f} meV, F MAE {val['forces_mae_meV_per_A']:.2f} meV/Å, "
-                    f"lr {row['lr']:.2e}, {elapsed:.0f} s"
-                )
-
-    if writer is not None:
-        writer.close()
-    if not main:
-        return {}
-    return finish(cfg, test_frames, history, stopped, elapsed, device, progress)
-
-
 def _tensorboard(run_dir: Path):
     """A TensorBoard writer in ``run_dir/tensorboard`` when the tensorboard package is installed, else None."""
     try:
@@ -444,32 +499,36 @@ def _tensorboard(run_dir: Path):
     return SummaryWriter(str(run_dir / "tensorboard"))
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    """Write to ``path.tmp``, then rename: a kill never leaves a half-written config or metrics file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _write_log(path: Path, history: List[dict]) -> None:
-    tmp = path.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(history[0]))
-        writer.writeheader()
-        writer.writerows(history)
-    os.replace(tmp, path)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=list(history[0]))
+    writer.writeheader()
+    writer.writerows(history)
+    files.write_text(path, text.getvalue())
 
 
 def finish(cfg: Config, test_frames: Frames, history, stopped: str, elapsed: float, device, progress: bool) -> dict:
-    """Test the best weights, write metrics.json, plots and the deployed model.pt."""
+    """Test the best weights and write metrics.json (:func:`report`), the deployed model.pt
+    (:func:`deploy`) and the plots; returns the metrics."""
     run_dir = Path(cfg.run_dir)
     best = torch.load(run_dir / "best.pt", map_location=device, weights_only=False)
     potential = potential_from_description(best["potential"]).to(device).eval()
-    dtype = _DTYPES[cfg.model.dtype]
-    test_pred = predict(potential, frames_to_graphs(test_frames, cfg.model.cutoff, dtype, device))
-    test = error_metrics(test_pred)
+    metrics, test_pred = report(cfg, potential, best, test_frames, history, stopped, elapsed, device)
+    deploy(cfg, potential, metrics["test"])
+    _plots(run_dir, test_pred, history)
+    if progress:
+        print(f"test ({len(test_frames)} frames of {test_frames.source}):\n{format_metrics(metrics['test'])}")
+        print(f"wrote {run_dir / 'model.pt'}, metrics.json, parity.png, learning_curve.png")
+    return metrics
+
+
+def report(cfg: Config, potential, best: dict, test_frames: Frames, history, stopped: str, elapsed: float, device):
+    """(metrics, test predictions) of the best weights; writes metrics.json (and log.csv again)."""
+    run_dir = Path(cfg.run_dir)
+    test_graphs = frames_to_graphs(test_frames, cfg.model.cutoff, dtype_of(cfg.model.dtype), device)
+    test_pred = predict(potential, test_graphs)
     metrics = {
-        "test": test,
+        "test": error_metrics(test_pred),
         "val": best["val"],
         "dataset": cfg.data.dataset,
         "test_source": test_frames.source,
@@ -485,17 +544,19 @@ def finish(cfg: Config, test_frames: Frames, history, stopped: str, elapsed: flo
     }
     if history:  # a run resumed after its last epoch was killed before it wrote the log
         _write_log(run_dir / "log.csv", history)
-    _write_text_atomic(run_dir / "metrics.json", json.dumps(metrics, indent=2))
+    files.write_json(run_dir / "metrics.json", metrics)
+    return metrics, test_pred
+
+
+def deploy(cfg: Config, potential, test_metrics: Dict[str, float]) -> Path:
+    """Write ``run_dir/model.pt``: the deployed ``potential`` with the test metrics and the training
+    set's shortest pair distances (which the calculators warn below)."""
+    run_dir = Path(cfg.run_dir)
     stats = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=False)["statistics"]
-    export.save(
-        potential, run_dir / "model.pt", dataset=cfg.data.dataset, metrics=test,
-        min_pair_distances=stats.get("min_pair_distances", {}),
-    )
-    _plots(run_dir, test_pred, history)
-    if progress:
-        print(f"test ({len(test_frames)} frames of {test_frames.source}):\n{format_metrics(test)}")
-        print(f"wrote {run_dir / 'model.pt'}, metrics.json, parity.png, learning_curve.png")
-    return metrics
+    path = run_dir / "model.pt"
+    export.save(potential, path, dataset=cfg.data.dataset, metrics=test_metrics,
+                min_pair_distances=stats.get("min_pair_distances", {}))
+    return path
 
 
 def _plots(run_dir: Path, pred: dict, history: List[dict]) -> None:

@@ -1,0 +1,62 @@
+"""Statistics of a training set that a potential is built from: energy shift (E0s), force scale,
+neighbour count, shortest pair distances."""
+
+from typing import Dict, List, Sequence, Tuple
+
+import numpy as np
+
+from mlpot import keys
+from mlpot.data.datasets import Frames
+from mlpot.data.graph import make_graph
+
+# frames whose neighbours are counted for avg_num_neighbors (an even sample of the set)
+NEIGHBOR_SAMPLE = 50
+
+
+def energy_shift(frames: Frames, species: Sequence[int]) -> np.ndarray:
+    """Per-species energies E0 (len(species),) eV: least squares of the frames' energies on their composition."""
+    counts = np.array([[np.sum(z == s) for s in species] for z in frames.numbers], dtype=np.float64)
+    shift, *_ = np.linalg.lstsq(counts, frames.energy, rcond=None)
+    return shift
+
+
+def force_scale(frames: Frames) -> float:
+    """RMS of all force components, eV/Å (1.0 for a set without forces)."""
+    forces = np.concatenate(frames.forces)
+    return float(np.sqrt((forces**2).mean())) or 1.0
+
+
+def avg_num_neighbors(frames: Frames, cutoff: float) -> float:
+    """Mean number of neighbours within ``cutoff`` Å per atom, over an even sample of the frames."""
+    sample = range(0, len(frames), max(1, len(frames) // NEIGHBOR_SAMPLE))
+    counts = [
+        make_graph(frames.numbers[i], frames.positions[i], cutoff)[keys.EDGE_INDEX].shape[1] / len(frames.numbers[i])
+        for i in sample
+    ]
+    return float(np.mean(counts))
+
+
+def min_pair_distances(frames: Frames) -> Dict[str, float]:
+    """Shortest distance seen for each element pair, Å, keyed ``"Z1-Z2"`` with Z1 <= Z2."""
+    shortest: Dict[Tuple[int, int], float] = {}
+    for numbers, positions in zip(frames.numbers, frames.positions):
+        diff = positions[None] - positions[:, None]
+        dist = np.sqrt(np.einsum("ijk,ijk->ij", diff, diff))
+        i, j = np.triu_indices(len(numbers), k=1)
+        pairs = np.sort(np.stack([numbers[i], numbers[j]], axis=1), axis=1)
+        for pair in np.unique(pairs, axis=0):
+            mask = (pairs[:, 0] == pair[0]) & (pairs[:, 1] == pair[1])
+            key = (int(pair[0]), int(pair[1]))
+            shortest[key] = min(shortest.get(key, np.inf), float(dist[i[mask], j[mask]].min()))
+    return {f"{a}-{b}": round(d, 4) for (a, b), d in sorted(shortest.items())}
+
+
+def fit_statistics(frames: Frames, species: List[int], cutoff: float) -> Dict[str, object]:
+    """All of the above as plain data (stored in training checkpoints): ``energy_shift`` (list, eV),
+    ``energy_scale`` (eV/Å), ``avg_num_neighbors``, ``min_pair_distances`` (Å)."""
+    return {
+        "energy_shift": energy_shift(frames, species).tolist(),
+        "energy_scale": force_scale(frames),
+        "avg_num_neighbors": avg_num_neighbors(frames, cutoff),
+        "min_pair_distances": min_pair_distances(frames),
+    }
