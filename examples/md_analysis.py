@@ -2,9 +2,11 @@
 
 Usage: python examples/md_analysis.py [--model deploy/ethanol.pt] [--time 2ps]
 The full command (trajectory, log, figures, summary.json): mlpot md deploy/ethanol.pt --molecule ethanol --time 10ps
+Needs the rMD17 ethanol file in $MLPOT_DATA_DIR. MLPOT_EXAMPLE_QUICK=1 simulates 20 fs instead of 2 ps.
 """
 
 import argparse
+import os
 from pathlib import Path
 
 import torch
@@ -16,12 +18,13 @@ from mlpot.workflows.relax import relax
 from mlpot.workflows.vibrations import harmonic_frequencies
 
 ROOT = Path(__file__).resolve().parents[1]
+QUICK = os.environ.get("MLPOT_EXAMPLE_QUICK") == "1"  # the short run tests/test_examples.py checks in CI
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=str(ROOT / "deploy" / "ethanol.pt"))
-    parser.add_argument("--time", default="2ps")
+    parser.add_argument("--time", default="20fs" if QUICK else "2ps")
     parser.add_argument("--temperature", type=float, default=500.0, help="K")
     args = parser.parse_args()
     torch.set_num_threads(1)

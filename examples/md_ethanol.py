@@ -1,9 +1,11 @@
 """Langevin MD of ethanol at 500 K with the shipped equivariant model (deploy/ethanol.pt).
 
 Usage: python examples/md_ethanol.py [--steps 400] [--model deploy/ethanol.pt]
+MLPOT_EXAMPLE_QUICK=1 runs 20 steps instead of 400.
 """
 
 import argparse
+import os
 import time
 from pathlib import Path
 
@@ -18,11 +20,12 @@ from ase.md.velocitydistribution import thermalize_momenta
 from mlpot.calculators import EGNNCalculator
 
 ROOT = Path(__file__).resolve().parents[1]
+QUICK = os.environ.get("MLPOT_EXAMPLE_QUICK") == "1"  # the short run tests/test_examples.py checks in CI
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--steps", type=int, default=20 if QUICK else 400)
     parser.add_argument("--model", default=str(ROOT / "deploy" / "ethanol.pt"))
     args = parser.parse_args()
     torch.set_num_threads(1)  # a 9-atom molecule gains nothing from more threads, and loses a lot on a busy machine

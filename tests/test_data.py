@@ -181,8 +181,9 @@ def test_extxyz_round_trip_keeps_ev_units(tmp_path):
     assert len(frames) == 2
     for i, atoms in enumerate(images):
         assert frames.energy[i] == pytest.approx(atoms.get_potential_energy(), abs=1e-8)
-        np.testing.assert_allclose(frames.forces[i], atoms.get_forces(), atol=1e-6)
-        np.testing.assert_allclose(frames.positions[i], atoms.positions, atol=1e-6)
+        # extxyz writes arrays as %16.8f: rounding to 8 decimals leaves at most 5e-9
+        np.testing.assert_allclose(frames.forces[i], atoms.get_forces(), rtol=0, atol=6e-9)
+        np.testing.assert_allclose(frames.positions[i], atoms.positions, rtol=0, atol=6e-9)
         np.testing.assert_array_equal(frames.numbers[i], atoms.numbers)
 
 

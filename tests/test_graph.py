@@ -49,7 +49,9 @@ def test_graph_keys_shapes_dtypes(ethanol, dtype):
         assert tuple(graph[key].shape) == shape, key
         assert graph[key].dtype == key_dtype, key
     assert num_edges == n * (n - 1)  # ethanol is smaller than the 5 Å cutoff: every ordered pair
-    np.testing.assert_allclose(graph[keys.POSITIONS].double().numpy(), ethanol.positions, rtol=1e-6)
+    # float64 positions pass through unchanged; float32 ones are rounded to 24 bits
+    np.testing.assert_allclose(graph[keys.POSITIONS].double().numpy(), ethanol.positions,
+                               rtol=1e-7 if dtype == torch.float32 else 0)
     assert graph[keys.ATOMIC_NUMBERS].tolist() == ethanol.numbers.tolist()
     assert graph[keys.NUM_ATOMS].tolist() == [n]
     assert not graph[keys.BATCH].any()

@@ -9,7 +9,7 @@ import torch
 
 from mlpot import export, keys
 from mlpot.commands import run
-from mlpot.study import learning_curve, symmetry
+from mlpot.study import latent, learning_curve, symmetry
 from mlpot.study.common import load_model
 
 from conftest import make_tiny_potential, write_sgdml_npz
@@ -33,7 +33,8 @@ def _deploy(path, kind, frames_file, **hparams):
 @pytest.fixture(scope="module")
 def tiny_egnn(tmp_path_factory, frames_file):
     path = tmp_path_factory.mktemp("model") / "egnn.pt"
-    return _deploy(path, "egnn", frames_file, num_features=4, num_layers=2, radial_hidden=8, parity=False)
+    # seed 1: the latent study's untrained control is built with seed 0 and must differ from the model
+    return _deploy(path, "egnn", frames_file, seed=1, num_features=4, num_layers=2, radial_hidden=8, parity=False)
 
 
 def test_model_names_and_budget_rule():
@@ -74,13 +75,31 @@ def test_latent_numbers_and_figure(tmp_path, tiny_egnn, frames_file):
                   "--pairs", "500", "--k", "3", "--output", str(tmp_path)])
     assert result["embedding"].shape == (30, 2) and np.isfinite(result["embedding"]).all()
     assert set(result["knn_r2"]) == {"energy_eV", "C-C_A", "C-O_A", "C-C-O_deg"}  # ethanol: geometry too
-    for block in (result, result["control_untrained"]):
-        assert all(np.isfinite(v) and -1 <= v <= 1 for v in block["spearman_latent_distance_vs"].values())
+    names = {"energy_eV", "C-C_A", "C-O_A", "C-C-O_deg", "geometry"}
+    blocks = [result, result["control_untrained"], result["control_distances"]]
+    for block in blocks:
+        assert set(block["spearman_latent_distance_vs"]) == names
         assert all(np.isfinite(v["mean"]) for v in block["knn_r2"].values())
-    assert result["control_distances"]["spearman_latent_distance_vs"]["geometry"] == pytest.approx(1.0)
+    # each control is computed from its own features, not copied from the model's
+    model_rho, untrained_rho, geometry_rho = (b["spearman_latent_distance_vs"]["energy_eV"] for b in blocks)
+    assert abs(model_rho - untrained_rho) > 1e-3 and abs(model_rho - geometry_rho) > 1e-3
     assert result["rebuild_check"]["max_energy_diff_eV"] < 1e-8
     saved = json.loads((tmp_path / "latent.json").read_text())
     assert saved["frames"] == 30 and (tmp_path / "latent_tsne.png").stat().st_size > 0
+    assert saved["spearman_latent_distance_vs"] == pytest.approx(result["spearman_latent_distance_vs"], rel=1e-12)
+
+
+def test_spearman_of_latent_distances_against_hand_values():
+    """Three structures 1 and 2 apart on a line (pair distances 1, 2, 3): targets whose pair differences are
+    in the same order (rho = 1), the reverse order (rho = -1), and the order 1, 3, 2 (rho = 0.5 when the
+    three pairs are drawn equally often: the Pearson correlation of the ranks (1, 2, 3) and (1, 3, 2))."""
+    x = np.array([[0.0], [1.0], [3.0]])
+    targets = {"same": np.array([0.0, 2.0, 6.0]), "reverse": np.array([0.0, 3.0, 1.0]),
+               "one-three-two": np.array([0.0, 1.0, -2.0])}
+    rho = latent.distance_correlations(x, targets, geometry=np.array([[0.0, 5], [0, 10], [0, 20]]), pairs=20000, seed=0)
+    assert rho["same"] == pytest.approx(1.0, abs=1e-12) and rho["geometry"] == pytest.approx(1.0, abs=1e-12)
+    assert rho["reverse"] == pytest.approx(-1.0, abs=1e-12)  # a pair i == i (0 apart in both) would break this
+    assert rho["one-three-two"] == pytest.approx(0.5, abs=0.03)  # 20000 random pairs: 0.495-0.512 over seeds 0-4
 
 
 def test_rebuild_mismatch_is_reported(tmp_path, frames_file):
@@ -140,14 +159,15 @@ def test_irreps_needs_an_egnn(tmp_path, frames_file):
 def test_symmetry_spreads_and_baseline(tmp_path, tiny_egnn, frames_file):
     result = run(["study", "symmetry", tiny_egnn, "--structure", str(frames_file), "-n", "5", "--copies", "0,2,inf",
                   "--baseline-steps", "30", "--test-frames", "5", "--output", str(tmp_path)])
-    for name in ("rotations", "reflections", "translations"):
-        assert result[name]["energy_spread_eV"] < 1e-6
-        assert result[name]["max_force_error_eV_per_A"] < 1e-6
+    for name in ("rotations", "reflections", "translations"):  # float64 model: measured 0 eV and 2e-16 eV/Å
+        assert result[name]["energy_spread_eV"] < 1e-9
+        assert result[name]["max_force_error_eV_per_A"] < 1e-9
     rows = result["baseline"]["rows"]
     assert [r["augmentation_copies"] for r in rows] == [0, 2, "inf"]
     assert all(np.isfinite(r[s]["energy_mae_meV"]) for r in rows for s in ("canonical", "rotated", "translated"))
     sym = result["baseline"]["symmetric_model"]
-    assert sym["rotated"]["energy_mae_meV"] == pytest.approx(sym["canonical"]["energy_mae_meV"], abs=1e-4)
+    assert sym["rotated"]["energy_mae_meV"] == pytest.approx(sym["canonical"]["energy_mae_meV"], rel=1e-8)
+    assert sym["translated"]["forces_mae_meV_per_A"] == pytest.approx(sym["canonical"]["forces_mae_meV_per_A"], rel=1e-8)
     assert (tmp_path / "symmetry.json").is_file() and (tmp_path / "symmetry_baseline.png").stat().st_size > 0
 
 
