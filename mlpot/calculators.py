@@ -8,7 +8,7 @@ import torch
 from ase.calculators.calculator import Calculator, all_changes
 
 from mlpot import export, keys
-from mlpot.data.graph import check_structure, make_graph
+from mlpot.data.graph import check_structure, local_positions, make_graph
 from mlpot.dtypes import DTYPES, dtype_of
 
 
@@ -104,21 +104,29 @@ class MLPotCalculator(Calculator):
     def _graph_of(self, atoms, system_changes):
         if self._needs_new_graph(atoms, system_changes):
             periodic = bool(atoms.pbc.any())
+            cell, pbc = (atoms.cell.array, atoms.pbc) if periodic else (None, None)
             self._graph = make_graph(
                 atoms.numbers,
                 atoms.positions,
                 self.cutoff + max(self.skin, 0.0),
-                cell=atoms.cell.array if periodic else None,
-                pbc=atoms.pbc if periodic else None,
+                cell=cell,
+                pbc=pbc,
                 dtype=self.dtype,
                 device=self.device,
             )
             self._graph_positions = atoms.positions.copy()
+            # the graph holds positions moved by a constant vector per atom (into the cell, then by the
+            # rounded centroid); later positions reuse the list only with the same move, done in float64
+            self._offset = local_positions(atoms.positions, cell, pbc) - atoms.positions
             self._edges_np = self._graph[keys.EDGE_INDEX].cpu().numpy()
             self._shift_np = self._graph[keys.SHIFT].cpu().double().numpy()
         graph = dict(self._graph)
-        graph[keys.POSITIONS] = torch.as_tensor(atoms.positions, dtype=self.dtype, device=self.device)
+        graph[keys.POSITIONS] = torch.as_tensor(self._local(atoms), dtype=self.dtype, device=self.device)
         return graph
+
+    def _local(self, atoms) -> np.ndarray:
+        """(N, 3) float64 positions in the frame of the current neighbour list, Å."""
+        return atoms.positions + self._offset
 
     def _check_input(self, atoms) -> None:
         # pair distances are checked over the neighbour list (_check_distances), unless the limit exceeds it
@@ -139,7 +147,8 @@ class MLPotCalculator(Calculator):
         edge_index = self._edges_np
         if edge_index.shape[1] == 0:
             return
-        vec = atoms.positions[edge_index[1]] - atoms.positions[edge_index[0]] + self._shift_np
+        positions = self._local(atoms)
+        vec = positions[edge_index[1]] - positions[edge_index[0]] + self._shift_np
         dist = np.sqrt(np.einsum("ij,ij->i", vec, vec))
         k = int(np.argmin(dist))
         if dist[k] < self.min_distance:

@@ -4,6 +4,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
+from ase.geometry import complete_cell
 from torch import Tensor
 
 from mlpot import keys
@@ -52,6 +53,25 @@ def check_structure(
             )
 
 
+def local_positions(positions: np.ndarray, cell: Optional[np.ndarray] = None, pbc: Optional[np.ndarray] = None) -> np.ndarray:
+    """(N, 3) float64 positions, Å, that give the same edge vectors but are small numbers.
+
+    Each atom is first moved by whole cell vectors into the cell along its periodic directions, then
+    all atoms by the centroid rounded to whole Å. A float32 model differences these, not coordinates
+    of 1e4 Å that have lost their last digits, so it stays translation invariant far from the origin;
+    a structure near the origin keeps its coordinates exactly (apart from atoms wrapped into the cell).
+    Both moves are done in float64 and only change which image of an atom the neighbour list pairs.
+    """
+    positions = np.array(positions, dtype=np.float64)
+    if pbc is not None and np.any(pbc):
+        pbc = np.asarray(pbc, dtype=bool)
+        # a slab's open direction may have a zero cell vector: any vector there does, nothing moves along it
+        basis = complete_cell(np.zeros((3, 3)) if cell is None else np.asarray(cell, dtype=np.float64))
+        fractional = np.linalg.solve(basis.T, positions.T).T
+        positions -= np.where(pbc, np.floor(fractional), 0.0) @ basis
+    return positions - np.round(positions.mean(axis=0))
+
+
 def make_graph(
     numbers: np.ndarray,
     positions: np.ndarray,
@@ -61,8 +81,12 @@ def make_graph(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
 ) -> Graph:
-    """Graph of one structure: positions in Å, neighbours within ``cutoff`` Å."""
-    positions = np.asarray(positions, dtype=np.float64)
+    """Graph of one structure: neighbours within ``cutoff`` Å, positions as :func:`local_positions`.
+
+    The graph's positions differ from ``positions`` by a constant vector per atom (whole cell vectors
+    and the rounded centroid), so energies and forces are those of ``positions``.
+    """
+    positions = local_positions(positions, cell, pbc)
     edge_index, shift = neighbor_list(positions, cutoff, cell, pbc)
     pair_edge, edge_pair = edge_pairs(edge_index, shift)
     n = len(numbers)

@@ -1,12 +1,9 @@
-"""Neighbour lists: integer pairs and periodic shifts within a cutoff (no gradients)."""
+"""Neighbour lists: integer pairs and periodic shifts within a cutoff (no gradients), through vesin."""
 
 from typing import Optional, Tuple
 
 import numpy as np
-from ase.neighborlist import primitive_neighbor_list
-
-# Below this many atoms an all-pairs distance matrix is faster than cell binning.
-_BRUTE_FORCE_MAX_ATOMS = 400
+import vesin
 
 
 def neighbor_list(
@@ -16,6 +13,10 @@ def neighbor_list(
     pbc: Optional[np.ndarray] = None,
 ) -> Tuple[np.ndarray, np.ndarray]:
     """All ordered pairs (i, j), i != j (or periodic images), closer than ``cutoff``.
+
+    Any cell works: smaller than twice the cutoff (several images of one atom), triclinic, or
+    periodic in some directions only (a slab); the cell vectors of non-periodic directions are ignored.
+    Edges are sorted by (i, j, cell shift), so one structure always gives the same graph.
 
     Args:
         positions: (N, 3) positions, Å.
@@ -27,29 +28,24 @@ def neighbor_list(
         edge_index (2, E) int64 with [centre i, neighbour j] and shift (E, 3) float64 in Å such that
         the edge vector is ``positions[j] - positions[i] + shift``.
     """
-    positions = np.asarray(positions, dtype=np.float64)
-    periodic = pbc is not None and bool(np.any(pbc))
-    if not periodic and len(positions) <= _BRUTE_FORCE_MAX_ATOMS:
-        diff = positions[None, :, :] - positions[:, None, :]
-        dist2 = np.einsum("ijk,ijk->ij", diff, diff)
-        np.fill_diagonal(dist2, np.inf)
-        i, j = np.nonzero(dist2 < cutoff * cutoff)
-        edge_index = np.stack([i, j]).astype(np.int64)
-        return edge_index, np.zeros((edge_index.shape[1], 3))
-    if periodic:
-        cell = np.asarray(cell, dtype=np.float64)
-        pbc = np.asarray(pbc, dtype=bool)
-        if abs(np.linalg.det(cell)) < 1e-9:
-            raise ValueError("periodic boundary conditions need a cell with non-zero volume")
+    positions = np.ascontiguousarray(positions, dtype=np.float64)
+    pbc = np.zeros(3, dtype=bool) if pbc is None else np.asarray(pbc, dtype=bool).reshape(3)
+    if pbc.any():
+        cell = np.zeros((3, 3)) if cell is None else np.asarray(cell, dtype=np.float64).reshape(3, 3)
+        periodic_vectors = cell[pbc]
+        if np.linalg.matrix_rank(periodic_vectors, tol=1e-6) < len(periodic_vectors):
+            raise ValueError(
+                "periodic boundary conditions need a cell with non-zero volume: the cell vectors of the "
+                f"periodic directions {pbc.tolist()} are zero or parallel; set atoms.cell, or atoms.pbc = False"
+            )
     else:
-        # Molecule: a box large enough that no periodic image is in range.
-        span = positions.max(0) - positions.min(0) + 2.0 * cutoff + 1.0
-        cell, pbc = np.diag(span), np.zeros(3, dtype=bool)
-    i, j, cell_shift = primitive_neighbor_list(
-        "ijS", pbc, cell, positions, float(cutoff), self_interaction=False
-    )
-    edge_index = np.stack([i, j]).astype(np.int64)
-    return edge_index, cell_shift.astype(np.float64) @ cell
+        cell = np.zeros((3, 3))  # vesin's free-space mode: no box, no images
+    calculator = vesin.NeighborList(cutoff=float(cutoff), full_list=True)
+    i, j, cell_shift = calculator.compute(positions, np.ascontiguousarray(cell), pbc, "ijS")
+    # vesin's order depends on its cell binning; sorting makes the graph a function of the structure alone
+    order = np.lexsort((cell_shift[:, 2], cell_shift[:, 1], cell_shift[:, 0], j, i))
+    edge_index = np.stack([i[order], j[order]]).astype(np.int64)
+    return edge_index, cell_shift[order].astype(np.float64) @ cell
 
 
 def edge_pairs(edge_index: np.ndarray, shift: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
