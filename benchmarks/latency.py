@@ -9,9 +9,8 @@ Geometries: the GFN2-xTB minima in $MLPOT_DATA_DIR/xtb (default ../shared/data).
 import argparse
 import itertools
 import os
-import statistics
+import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +23,9 @@ from mlpot.calculators import MLPotCalculator
 from mlpot.models import build_potential
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))  # timing.py, the timer the peers' workers use too (imported by path)
+
+from timing import median_ms, time_energy_forces  # noqa: E402
 
 
 def molecule(name: str) -> Atoms:
@@ -35,22 +37,6 @@ def molecule(name: str) -> Atoms:
 def recipe_hparams(kind: str) -> dict:
     cfg = yaml.safe_load((ROOT / "training" / f"ethanol-{kind}.yaml").read_text())
     return cfg["model"]["hparams"], cfg["model"]["cutoff"]
-
-
-def time_calls(calc, atoms: Atoms, calls: int) -> float:
-    rng = np.random.default_rng(0)
-    base = atoms.positions.copy()
-    for _ in range(10):  # warm-up (TorchScript profiling runs)
-        atoms.positions = base + rng.normal(scale=0.01, size=base.shape)
-        atoms.get_forces()
-    times = []
-    for _ in range(calls):
-        atoms.positions = base + rng.normal(scale=0.01, size=base.shape)
-        tic = time.perf_counter()
-        atoms.get_potential_energy()
-        atoms.get_forces()
-        times.append(time.perf_counter() - tic)
-    return 1000 * statistics.median(times)
 
 
 def main() -> None:
@@ -78,7 +64,8 @@ def main() -> None:
                 for name in ("ethanol", "toluene", "aspirin"):
                     atoms = molecule(name)
                     atoms.calc = MLPotCalculator(path)
-                    row.append(f"{time_calls(atoms.calc, atoms, args.calls):.2f}")
+                    # 10 untimed calls first: TorchScript's profiling runs
+                    row.append(f"{median_ms(time_energy_forces(atoms, args.calls, warmup=10)):.2f}")
                 params = sum(p.numel() for p in pot.parameters())
                 print(f"| {kind} | {fmt} | {dtype} | {params} | " + " | ".join(row) + " |", flush=True)
 

@@ -27,7 +27,8 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-import worker  # noqa: E402  (the same counting code the peers' workers use)
+import protocol  # noqa: E402  (the same counting code the peers' workers use)
+from impl_mlpot import MLPot  # noqa: E402
 
 
 def _time(fn, min_time: float = 0.05, repeats: int = 5) -> float:
@@ -99,7 +100,7 @@ def tp_check() -> dict:
     x = irreps.randn(edges, -1)
     y = sh.randn(edges, -1)
     w = torch.randn(edges, tp.weight_numel)
-    counted = worker.flops_of(lambda: tp(x, y, w))
+    counted = protocol.flops_of(lambda: tp(x, y, w))
     # analytic, per edge and instruction (uvu, mul u): contracting the (2l1+1)(2l2+1) products of x1 and Y with the
     # Clebsch-Gordan (Wigner 3j) tensor into 2l3+1 outputs for each of the u channels, 2 FLOPs per multiply-add,
     # with the dense tensor (what a matmul does) and with only its nonzero entries (the least any code must do)
@@ -120,7 +121,7 @@ def tp_check() -> dict:
 def model_flops(kind: str, molecule: str) -> dict:
     from types import SimpleNamespace
 
-    impl = worker.MLPot(SimpleNamespace(model=kind, format="torchscript"))
+    impl = MLPot(SimpleNamespace(model=kind, format="torchscript"))
     return impl.flops(molecule, "float64")
 
 
@@ -157,7 +158,7 @@ def main() -> None:
     print("| model | molecule | MFLOP per E+F call | other-op Melem | peak floor f32 / f64 ms | shape floor f32 / f64 ms |")
     print("|---|---|---|---|---|---|")
     for kind in args.models.split(","):
-        for molecule in worker.MOLECULES:
+        for molecule in protocol.MOLECULES:
             count = model_flops(kind, molecule)
             fl = floors(count)
             peak = {n: count["flops"] / (report["throughput_gflops"][n]["peak_1024"] * 1e9) * 1000 for n in fl}

@@ -28,6 +28,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))  # benchmarks/timing.py: the latency statistics, shared with the workers
+
+from timing import quartiles  # noqa: E402
 
 # mlpot implementations: name -> (model kind, deploy format); the first of each kind's list in CLASSES is the
 # TorchScript one, which also runs training and the FLOP count (eager, the same for every format)
@@ -158,14 +161,6 @@ def mlpot_commit() -> str:
         return head + ("-dirty" if dirty else "")
     except Exception:  # noqa: BLE001
         return "?"
-
-
-def quartiles(xs):
-    xs = sorted(xs)
-    if len(xs) < 4:
-        return xs[0], statistics.median(xs), xs[-1]
-    q = statistics.quantiles(xs, n=4)
-    return q[0], q[1], q[2]
 
 
 def cpu_name() -> str:

@@ -101,7 +101,7 @@ import importlib, sys, typing
 from importlib.metadata import PackageNotFoundError, version
 import torch
 import torch.utils.data.dataloader as dl
-if not hasattr(dl, "T_co"):  # schnetpack 2.1.1 imports this name, gone in torch 2.13 (worker.py defines it too)
+if not hasattr(dl, "T_co"):  # schnetpack 2.1.1 imports this name, gone in torch 2.13 (impl_schnetpack.py defines it too)
     dl.T_co = typing.TypeVar("T_co", covariant=True)
 importlib.import_module(sys.argv[1])
 names = ["torch", "e3nn", "ase", "nequip", "mace-torch", "schnetpack", "lightning", "pytorch-lightning",
