@@ -25,8 +25,7 @@ import torch
 
 import mlpot
 from mlpot import keys
-
-FORMAT_VERSION = 1
+from mlpot.version import FORMAT_VERSION
 METADATA_FILE = "mlpot.json"
 FORMATS = ("torchscript", "aoti")
 # kinds that compile with AOTInductor; PyG's GCN normalisation (gcn) has data-dependent shapes torch.export cannot keep
@@ -144,9 +143,8 @@ class EnergyAndForces(torch.nn.Module):
             keys.EDGE_PAIR: edge_pair,
         }
         # the species check is data-dependent control flow, which tracing cannot keep: callers check
-        out = self.potential._energy(graph, pos, check_species=False)
-        (grad,) = torch.autograd.grad([out[keys.ENERGY].sum()], [pos], create_graph=self.create_graph)
-        return out[keys.ENERGY], -grad, out[keys.NODE_ENERGY]
+        out = self.potential.energy_and_forces(graph, create_graph=self.create_graph, check_species=False)
+        return out[keys.ENERGY], out[keys.FORCES], out[keys.NODE_ENERGY]
 
 
 def output_disagreement(energy, forces, expected_energy, expected_forces, rtol: float) -> str:
