@@ -465,7 +465,7 @@ def avg_num_neighbors() -> float:
     return float(np.mean(counts))
 
 
-MLPOT_SOURCES = ("mlpot/models/*.py", "mlpot/nn/*.py", "mlpot/export.py")
+MLPOT_SOURCES = ("mlpot/models/*.py", "mlpot/nn/*.py", "mlpot/export/*.py")
 
 
 def mlpot_build_key(kind: str, fmt: str) -> str:

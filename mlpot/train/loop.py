@@ -15,7 +15,8 @@ import yaml
 from tqdm.auto import tqdm
 
 from mlpot import export, keys
-from mlpot.checkpoint import atomic_torch_save, describe, potential_from_description
+from mlpot.checkpoint import describe, potential_from_description
+from mlpot.files import torch_save as atomic_torch_save
 from mlpot.data import datasets
 from mlpot.data.datasets import Frames, block_split, load_dataset, split_indices
 from mlpot.data.graph import Graph, collate, make_graph
