@@ -1,4 +1,4 @@
-"""Potential: any model's per-atom energies -> scaled and shifted -> total energy -> autograd forces."""
+"""Potential: any model's per-atom energies -> scaled and shifted -> total energy -> autograd derivatives."""
 
 import json
 from typing import Dict, List, Optional, Sequence
@@ -13,9 +13,10 @@ from mlpot.nn import forces as derivatives
 class Potential(nn.Module):
     """Wraps one model (graph -> per-atom energies) with everything the models share.
 
-    ``E_i = scale * model_i + shift[Z_i]``, ``E = sum_i E_i`` per structure, ``F = -dE/dpos`` by
-    autograd (``create_graph`` while training so force losses can be backpropagated), and the
-    Hessian by double backward. Metadata (kind, species, cutoff, hyperparameters) travels with it.
+    ``E_i = scale * model_i + shift[Z_i]``, ``E = sum_i E_i`` per structure (:meth:`energy`); forces
+    ``F = -dE/dpos`` (``create_graph`` while training so force losses can be backpropagated), on request
+    the virial, and the Hessian, all by autograd in :mod:`mlpot.nn.forces`. Metadata (kind, species,
+    cutoff, hyperparameters) travels with it.
 
     Args:
         model: module with ``forward(graph, species) -> (node_energy (N,), node_features (N, F))``.
