@@ -1,6 +1,6 @@
 """mlpot: machine-learned interatomic potentials (GCN, SchNet, equivariant EGNN) for ASE."""
 
-__version__ = "0.1.0"
+from mlpot.version import __version__  # noqa: E402
 
 from mlpot.calculators import CommitteeCalculator, EGNNCalculator, GNNCalculator, MLPotCalculator  # noqa: E402
 from mlpot.models import MODELS, Potential, build_potential  # noqa: E402

@@ -36,6 +36,8 @@ NODE_ENERGY: Final[str] = "node_energy"
 ENERGY: Final[str] = "energy"
 # (N, 3) float | eV/Å | forces, -dE/dpos
 FORCES: Final[str] = "forces"
+# (B, 3, 3) float | eV | virial -dE/d(strain), only when asked for (Potential.energy_and_forces); stress = -virial / volume
+VIRIAL: Final[str] = "virial"
 # (N, F) float | last-layer invariant node features (latent-space studies)
 NODE_FEATURES: Final[str] = "node_features"
 

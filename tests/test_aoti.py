@@ -57,6 +57,7 @@ def test_metadata_records_the_format(deployed):
     _, folder = deployed
     meta = export.read_metadata(folder / "model.pt2")
     assert meta["format"] == "aoti" and meta["kind"] == "egnn" and meta["dtype"] == "float64"
+    assert export.sniff(folder / "model.pt2") == "aoti" and export.sniff(folder / "model.ckpt") == export.CHECKPOINT
     assert meta["dataset"] == "tiny"  # carried over from the TorchScript file it was deployed from
 
 

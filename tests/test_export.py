@@ -5,6 +5,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import ase.build
@@ -220,3 +221,37 @@ def test_deploy_console_script(tiny_potential, tmp_path):
 
     bad = subprocess.run([script, str(ckpt)], capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "--output" in bad.stderr
+
+
+def test_sniff_tells_model_files_apart(tiny_potential, tmp_path):
+    """One function says what a file is; read_metadata, load_potential and the study loader act on it."""
+    potential = tiny_potential("schnet", torch.float64)
+    export.save(potential, tmp_path / "model.pt")
+    checkpoint.save_potential(potential, tmp_path / "best.pt")
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit is deprecated upstream
+        torch.jit.save(torch.jit.script(torch.nn.Linear(3, 1)), str(tmp_path / "linear.pt"))
+    (tmp_path / "noise.pt").write_bytes(np.random.default_rng(0).bytes(512))
+    kinds = {name: export.sniff(tmp_path / name) for name in ("model.pt", "best.pt", "other.pt", "linear.pt", "noise.pt")}
+    assert kinds == {
+        "model.pt": "torchscript", "best.pt": export.CHECKPOINT, "other.pt": export.CHECKPOINT,
+        "linear.pt": export.FOREIGN_TORCHSCRIPT, "noise.pt": export.NOT_A_ZIP,
+    }
+    with pytest.raises(FileNotFoundError, match="no model file at"):
+        export.sniff(tmp_path / "missing.pt")
+    # each reader words what is wrong for what it wanted
+    with pytest.raises(ValueError, match="is a torch.save file .a training checkpoint.., not a deployed mlpot model"):
+        export.read_metadata(tmp_path / "best.pt")
+    with pytest.raises(ValueError, match="TorchScript file without mlpot metadata, not an mlpot checkpoint"):
+        checkpoint.load_potential(tmp_path / "linear.pt")
+    with pytest.raises(ValueError, match="not a readable mlpot checkpoint"):
+        checkpoint.load_potential(tmp_path / "noise.pt")
+    # both loaders rebuild the same eager model from the deployed file
+    from mlpot.study.common import load_model
+
+    graph = batch_graph(torch.float64)
+    expected = eager(potential, graph)
+    for rebuilt in (checkpoint.load_potential(tmp_path / "model.pt"), load_model(tmp_path / "model.pt").potential):
+        for key in (keys.ENERGY, keys.FORCES):
+            assert_relative(eager(rebuilt, graph)[key], expected[key], 1e-12)

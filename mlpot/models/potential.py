@@ -1,4 +1,4 @@
-"""Potential: any model's per-atom energies -> scaled and shifted -> total energy -> autograd forces."""
+"""Potential: any model's per-atom energies -> scaled and shifted -> total energy -> autograd derivatives."""
 
 import json
 from typing import Dict, List, Optional, Sequence
@@ -7,14 +7,16 @@ import torch
 from torch import Tensor, nn
 
 from mlpot import keys
+from mlpot.nn import forces as derivatives
 
 
 class Potential(nn.Module):
     """Wraps one model (graph -> per-atom energies) with everything the models share.
 
-    ``E_i = scale * model_i + shift[Z_i]``, ``E = sum_i E_i`` per structure, ``F = -dE/dpos`` by
-    autograd (``create_graph`` while training so force losses can be backpropagated), and the
-    Hessian by double backward. Metadata (kind, species, cutoff, hyperparameters) travels with it.
+    ``E_i = scale * model_i + shift[Z_i]``, ``E = sum_i E_i`` per structure (:meth:`energy`); forces
+    ``F = -dE/dpos`` (``create_graph`` while training so force losses can be backpropagated), on request
+    the virial, and the Hessian, all by autograd in :mod:`mlpot.nn.forces`. Metadata (kind, species,
+    cutoff, hyperparameters) travels with it.
 
     Args:
         model: module with ``forward(graph, species) -> (node_energy (N,), node_features (N, F))``.
@@ -56,11 +58,16 @@ class Potential(nn.Module):
     def hparams(self) -> dict:
         return json.loads(self.hparams_json)
 
-    def _energy(self, graph: Dict[str, Tensor], pos: Tensor, check_species: bool = True) -> Dict[str, Tensor]:
+    def energy(self, graph: Dict[str, Tensor], check_species: bool = True) -> Dict[str, Tensor]:
+        """The graph's entries plus per-atom energies (N,) and energies (B,) in eV and the node features,
+        computed from the graph's own positions and shifts (no derivatives).
+
+        ``check_species=False`` skips the unknown-element check (data-dependent control flow, which
+        tracing cannot keep: callers that trace check beforehand).
+        """
         out: Dict[str, Tensor] = {}
         for key, value in graph.items():
             out[key] = value
-        out[keys.POSITIONS] = pos
         numbers = graph[keys.ATOMIC_NUMBERS]
         species = self.species_index[numbers]
         if check_species and bool((species < 0).any()):
@@ -74,34 +81,34 @@ class Potential(nn.Module):
         out[keys.NODE_FEATURES] = features
         return out
 
-    def forward(self, graph: Dict[str, Tensor]) -> Dict[str, Tensor]:
-        """Energies (and forces unless ``compute_forces`` is False) of a batch of structures."""
-        pos = graph[keys.POSITIONS]
-        if self.compute_forces and not pos.requires_grad:
-            pos = pos.detach().requires_grad_(True)
-        out = self._energy(graph, pos)
-        if self.compute_forces:
-            grads = torch.autograd.grad(
-                [out[keys.ENERGY].sum()], [pos], create_graph=self.training, allow_unused=True
-            )
-            grad = grads[0]
-            out[keys.FORCES] = torch.zeros_like(pos) if grad is None else -grad
+    @torch.jit.export
+    def energy_and_forces(
+        self, graph: Dict[str, Tensor], virial: bool = False, create_graph: bool = False, check_species: bool = True
+    ) -> Dict[str, Tensor]:
+        """:meth:`energy` plus forces (N, 3) in eV/Å and, with ``virial``, the virial (B, 3, 3) in eV
+        (see :mod:`mlpot.nn.forces`). ``create_graph`` keeps the derivatives' autograd graph."""
+        inputs, pos, strain = derivatives.differentiable_inputs(graph, virial)
+        out = self.energy(inputs, check_species)
+        forces, virial_ev = derivatives.forces_and_virial(out[keys.ENERGY], pos, strain, create_graph)
+        # the outputs carry the inputs unstrained (the strain is zero: the same values, without its graph)
+        for key in (keys.SHIFT, keys.CELL):
+            if key in graph:
+                out[key] = graph[key]
+        out[keys.POSITIONS] = pos
+        out[keys.FORCES] = forces
+        if virial_ev is not None:
+            out[keys.VIRIAL] = virial_ev
         return out
+
+    def forward(self, graph: Dict[str, Tensor]) -> Dict[str, Tensor]:
+        """Energies (and forces unless ``compute_forces`` is False) of a batch of structures;
+        forces keep their autograd graph in training mode (force losses)."""
+        if not self.compute_forces:
+            return self.energy(graph)
+        return self.energy_and_forces(graph, False, self.training, True)
 
     @torch.jit.export
     def hessian(self, graph: Dict[str, Tensor]) -> Tensor:
         """(3N, 3N) Hessian d2E/dpos2 in eV/Å^2 of the structures in ``graph``, by double backward."""
-        pos = graph[keys.POSITIONS].detach().requires_grad_(True)
-        energy = self._energy(graph, pos)[keys.ENERGY].sum()
-        grads = torch.autograd.grad([energy], [pos], create_graph=True, allow_unused=True)
-        grad = grads[0]
-        n = pos.numel()
-        hessian = torch.zeros(n, n, dtype=pos.dtype, device=pos.device)
-        if grad is None:
-            return hessian
-        flat = grad.reshape(-1)
-        for k in range(n):
-            row = torch.autograd.grad([flat[k]], [pos], retain_graph=True, allow_unused=True)[0]
-            if row is not None:
-                hessian[k] = row.reshape(-1)
-        return hessian
+        inputs, pos, _ = derivatives.differentiable_inputs(graph, False)
+        return derivatives.hessian(self.energy(inputs)[keys.ENERGY], pos)

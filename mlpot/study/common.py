@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -13,12 +12,13 @@ import numpy as np
 import torch
 
 from mlpot import export, keys
+from mlpot.checkpoint import load_potential
 from mlpot.data import datasets
 from mlpot.data.datasets import Frames, load_dataset, split_indices
 from mlpot.data.graph import Graph, collate
 from mlpot.data.registry import study_dataset
 from mlpot.dtypes import DTYPES, dtype_of, name_of
-from mlpot.models import Potential, build_potential
+from mlpot.models import Potential
 
 
 # === models ===
@@ -48,13 +48,6 @@ class LoadedModel:
         return f"{self.kind}{extra} ({Path(self.path).name})"
 
 
-def _is_torchscript(path: Path) -> bool:
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as archive:
-        return any("/code/" in n for n in archive.namelist())
-
-
 def resolve_model_path(spec) -> Path:
     """A model argument as a file: a deployed ``.pt``, a checkpoint, or a run folder (its ``model.pt``,
     else ``best.pt``)."""
@@ -79,21 +72,6 @@ def _dataset_of_run(path: Path) -> Optional[str]:
     return None
 
 
-def _load_scripted_weights(potential: Potential, scripted, path) -> List[str]:
-    """Copy a TorchScript module's weights into the rebuilt eager model; returns the archive's keys
-    that were not loaded. Every key of the eager state dict must be there. Extra keys are left out:
-    TorchScript archives also carry non-persistent buffers (index tables that the model rebuilds, and
-    that a file deployed by another mlpot version may name differently); :func:`check_rebuild` then
-    compares the two models' energies and forces, which is the check that matters."""
-    source = scripted.state_dict()
-    wanted = set(potential.state_dict())
-    missing = sorted(wanted - set(source))
-    if missing:
-        raise RuntimeError(f"the file lacks weights of the rebuilt model: {missing[:5]}")
-    potential.load_state_dict({k: source[k] for k in wanted}, strict=True)
-    return sorted(set(source) - wanted)
-
-
 def load_model(spec, dtype: Optional[str] = None) -> LoadedModel:
     """Load MODEL (deployed file, training checkpoint or run folder) as an eager Potential in eval mode.
 
@@ -102,21 +80,13 @@ def load_model(spec, dtype: Optional[str] = None) -> LoadedModel:
     ``dtype`` ("float32"/"float64") converts the model; default: its own.
     """
     path = resolve_model_path(spec)
-    if _is_torchscript(path):
+    if export.sniff(path) == "torchscript":
         scripted, meta = export.load(path)
         meta = dict(meta)
-        hparams = dict(meta.get("hparams") or {})
-        try:
-            potential = build_potential(meta["kind"], meta["species"], meta["cutoff"], dtype=DTYPES[meta["dtype"]], **hparams)
-            ignored = _load_scripted_weights(potential, scripted, path)
-        except (TypeError, RuntimeError, KeyError) as err:
-            raise ValueError(
-                f"{path}: cannot rebuild the eager model from the file's metadata "
-                f"(kind {meta.get('kind')}, hparams {hparams}): {type(err).__name__}: {err}"
-            ) from None
+        potential = export.potential_from_scripted(scripted, meta, path)
+        # the archive's entries the eager model does not keep (non-persistent tables it rebuilds)
+        ignored = sorted(set(scripted.state_dict()) - set(potential.state_dict()))
     else:
-        from mlpot.checkpoint import load_potential
-
         potential = load_potential(path)
         scripted, ignored = None, []
         meta = {

@@ -136,8 +136,9 @@ def _reattach_saved_outputs(traced) -> None:
     Autograd's backward of an op that saves its output (sigmoid, tanh, exp, norm) reads that output,
     and ``make_fx`` records the read as ``detach(output)``. Eager double backward differentiates
     through it; the traced graph would not, and the weight gradients of a force loss would silently
-    miss those terms (e.g. an EGNN's sigmoid gates). The traced region (``Potential._energy`` and the
-    forces) detaches nothing itself, so every ``detach`` there is such a read.
+    miss those terms (e.g. an EGNN's sigmoid gates). The traced region (``Potential.energy_and_forces``,
+    given positions that already require gradients) detaches nothing itself, so every ``detach`` there
+    is such a read.
     """
     for node in list(traced.graph.nodes):
         if node.op == "call_function" and node.target is torch.ops.aten.detach.default:
