@@ -230,9 +230,9 @@ class DenseInteraction(nn.Module):
 
     def _gate(self, outs: List[Tensor], n: int) -> Tensor:
         """e3nn's Gate on the blocked mixing outputs: activated scalars, gated irreps times sigmoid gates."""
+        l0 = outs[0].view(n, -1) if self.num_scalar_outputs == 1 else torch.cat(outs[: self.num_scalar_outputs], dim=2).view(n, -1)
         blocks = [self._activate_scalars(outs, n).view(n, -1, self.mul)]
         if self.num_gates > 0:
-            l0 = outs[0].view(n, -1) if self.num_scalar_outputs == 1 else torch.cat(outs[: self.num_scalar_outputs], dim=2).view(n, -1)
             gates = torch.sigmoid(l0[:, self.gate_start : self.gate_start + self.num_gates]) * self.gate_cst
             g = 0
             for o in self.gated_outputs:
