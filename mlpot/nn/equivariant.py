@@ -181,3 +181,46 @@ def mixing_table(
         index.append(torch.cat(rows_idx).reshape(-1))
         scale.append(torch.cat(rows_scale).reshape(-1))
     return torch.cat(index), torch.cat(scale), [v for row in plan for v in row]
+
+
+def to_blocked(flat: Tensor, irreps: o3.Irreps) -> Tensor:
+    """e3nn's flat features (N, irreps.dim) -> blocked (N, M, U); ``irreps`` of one multiplicity U."""
+    blocks, start = [], 0
+    for mul, ir in irreps:
+        blocks.append(flat[:, start : start + mul * ir.dim].reshape(-1, mul, ir.dim).transpose(1, 2))
+        start += mul * ir.dim
+    return torch.cat(blocks, dim=1)
+
+
+def to_flat(blocked: Tensor, irreps: o3.Irreps) -> Tensor:
+    """Blocked features (N, M, U) -> e3nn's flat layout (N, irreps.dim); the inverse of :func:`to_blocked`."""
+    blocks = []
+    for (mul, ir), row in zip(irreps, block_rows(irreps)):
+        blocks.append(blocked[:, row : row + ir.dim].transpose(1, 2).reshape(-1, mul * ir.dim))
+    return torch.cat(blocks, dim=1)
+
+
+def gate_layout(gate) -> Tuple[List[int], int, List[int]]:
+    """Where e3nn's ``Gate`` finds its inputs among the irreps of its (sorted) input.
+
+    e3nn sorts the gate's input irreps (0o before 0e, 1o, 1e, 2o before 2e): with both parities the
+    l = 0 part is ``[scalars 0o, scalars 0e, gates 0e]`` and the l > 0 part is not in the order of the
+    gated irreps. Returns the start of each scalar irrep (in ``irreps_scalars`` order) and of the gates
+    within the concatenated l = 0 entries of the input, and for each gated irrep (in ``irreps_gated``
+    order) the index of its irrep in ``gate.irreps_in``.
+    """
+    cut = gate.sc.cut  # e3nn's Extract: the sorted, unsimplified input irreps and each output's indices
+    sorted_irreps = cut.irreps_in
+    starts, offset = [], 0
+    for mul, ir in sorted_irreps:
+        starts.append(offset)
+        offset += mul * ir.dim if ir.l == 0 else 0
+    scalars, gates, gated = cut.instructions
+    l0_items = sum(1 for _, ir in sorted_irreps if ir.l == 0)
+    l0_irreps = sum(1 for _, ir in gate.irreps_in if ir.l == 0)
+    if sorted(gated) != list(range(l0_items, len(sorted_irreps))) or len(gates) > 1:
+        raise ValueError("fusing needs one gate irrep and each l > 0 irrep of the gate's input gated once")
+    if len(scalars) != len(gate.act_scalars.acts):
+        raise ValueError("fusing needs one activation per scalar irrep")
+    gate_start = starts[gates[0]] if gates else 0
+    return [starts[i] for i in scalars], gate_start, [l0_irreps + i - l0_items for i in gated]

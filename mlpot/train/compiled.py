@@ -36,8 +36,6 @@ def unsupported_reason(potential) -> Optional[str]:
     """Why ``potential`` cannot be trained compiled, or None."""
     if potential.kind not in COMPILE_KINDS:
         return f"train.compile supports {', '.join(COMPILE_KINDS)}, not {potential.kind}"
-    if getattr(potential.model, "use_e3nn", False):
-        return "this egnn runs e3nn's own layers (parity true with both parities mixed), which are not traced"
     return None
 
 
