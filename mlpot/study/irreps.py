@@ -70,31 +70,6 @@ def _zero_mask(layer, output: torch.Tensor, l: int) -> torch.Tensor:
     return mask
 
 
-class hookable_layers:
-    """Context manager: make sure EGNN's interaction layers run through ``nn.Module.__call__`` (so forward
-    hooks fire). mlpot's EGNN calls ``layer.forward_e3nn(...)`` directly, bypassing ``__call__``, when
-    it runs the e3nn reference path (``use_e3nn``, e.g. both parities); here that name is pointed at
-    ``layer.__call__`` and ``forward`` at the e3nn method, on the instances only, restored on exit."""
-
-    def __init__(self, potential):
-        self.layers = _layers(potential)
-        self.active = bool(getattr(potential.model, "use_e3nn", False)) and all(hasattr(l, "forward_e3nn") for l in self.layers)
-
-    def __enter__(self):
-        if self.active:
-            for layer in self.layers:
-                e3nn_path = layer.forward_e3nn
-                layer.forward = e3nn_path
-                layer.forward_e3nn = layer.__call__
-        return self
-
-    def __exit__(self, *exc):
-        if self.active:
-            for layer in self.layers:
-                for name in ("forward", "forward_e3nn"):
-                    layer.__dict__.pop(name, None)
-
-
 def _require_hooks(fired: bool) -> None:
     if not fired:
         raise ValueError(
@@ -132,9 +107,8 @@ def norm_shares(potential, graphs, batch_size: int = 100) -> List[dict]:
     saved = potential.compute_forces
     potential.compute_forces = False
     try:
-        with hookable_layers(potential):
-            for start in range(0, len(graphs), batch_size):
-                potential(collate(list(graphs[start : start + batch_size])))
+        for start in range(0, len(graphs), batch_size):
+            potential(collate(list(graphs[start : start + batch_size])))
     finally:
         potential.compute_forces = saved
         for h in handles:
@@ -202,7 +176,7 @@ def ablation(potential, graphs) -> List[dict]:
             present = [k for k in idx if any(e[1] == l for e in _entries(layers[k]))]
             if not present:
                 continue
-            with zero_channels(potential, l, present) as zeroed, hookable_layers(potential):
+            with zero_channels(potential, l, present) as zeroed:
                 m = evaluate(potential, graphs)
             _require_hooks(zeroed.fired > 0)
             rows.append({"layer": name, "l": l, "energy_mae_meV": m["energy_mae_meV"],
