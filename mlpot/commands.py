@@ -7,16 +7,16 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 from pathlib import Path
-from typing import Dict, Iterator, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import torch
 
 import mlpot
 from mlpot.dtypes import DTYPE_NAMES, dtype_of
+from mlpot.threads import torch_threads
 from mlpot.workflows import md, relax, vibrations
 
 STRUCTURE_HELP = ("molecule (ethanol, toluene, aspirin: the first reference frame), dataset name "
@@ -56,23 +56,6 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         raise UsageError(message, self.prog)
-
-
-@contextlib.contextmanager
-def torch_threads(num_threads: Optional[int]) -> Iterator[None]:
-    """Runs the block with ``num_threads`` torch CPU threads (None: as they are), then restores the count.
-
-    Commands set torch's thread count here, so that library code can leave the caller's process as it was.
-    """
-    if num_threads is None:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(num_threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _warn(args, message: str) -> None:

@@ -12,6 +12,7 @@ import yaml
 
 import mlpot
 from mlpot import cli, commands, export
+from mlpot.threads import torch_threads
 
 from conftest import make_tiny_potential
 
@@ -219,14 +220,14 @@ def test_aliases_are_the_subcommands(monkeypatch, files, tmp_path, capsys):
 
 def test_torch_threads_restores_the_count():
     before = torch.get_num_threads()
-    with commands.torch_threads(before + 1):
+    with torch_threads(before + 1):
         assert torch.get_num_threads() == before + 1
     assert torch.get_num_threads() == before
     with pytest.raises(ZeroDivisionError):
-        with commands.torch_threads(before + 1):
+        with torch_threads(before + 1):
             1 / 0
     assert torch.get_num_threads() == before
-    with commands.torch_threads(None):
+    with torch_threads(None):
         assert torch.get_num_threads() == before
 
 

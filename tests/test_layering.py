@@ -8,7 +8,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "mlpot"
 
 # layer -> the mlpot layers it may import (besides itself); see docs/architecture.md
-LEAVES = {"keys", "units", "dtypes", "files", "version"}
+LEAVES = {"keys", "units", "dtypes", "files", "threads", "version"}
 ALLOWED = {
     **{leaf: set() for leaf in LEAVES},
     "data": LEAVES,

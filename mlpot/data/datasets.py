@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import tempfile
 import urllib.request
 import zipfile
@@ -16,6 +17,7 @@ import ase.io
 import numpy as np
 from ase.calculators.singlepoint import SinglePointCalculator
 
+from mlpot import files
 from mlpot.units import KCAL_PER_MOL_TO_EV
 
 SGDML_KEYS = ("E", "F", "R", "z")
@@ -442,32 +444,34 @@ def dataset_path(
     )
 
 
+def _fetch(url: str, sha256: str, target: Path) -> None:
+    """Downloads url into the file target and checks its sha256 (a mismatch raises ValueError)."""
+    digest = hashlib.sha256()
+    with open(target, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
+        while chunk := response.read(1 << 20):
+            digest.update(chunk)
+            out.write(chunk)
+    if digest.hexdigest() != sha256:
+        raise ValueError(
+            f"sha256 checksum mismatch for {url}: expected {sha256}, got {digest.hexdigest()}; the file was discarded"
+        )
+
+
 def _download(url: str, sha256: str, cache: Path, file_name: str) -> None:
     """Downloads url into cache, checks its sha256 and places file_name there atomically.
 
     A .zip download is checked, then every .npz member is extracted and the zip removed.
     Nothing is left behind when the checksum does not match.
     """
+    if not url.endswith(".zip"):
+        with files.atomic_path(cache / file_name, suffix=".part") as part:
+            _fetch(url, sha256, part)
+        return
     cache.mkdir(parents=True, exist_ok=True)
-    handle, part = tempfile.mkstemp(dir=cache, prefix=f".{file_name}.", suffix=".part")
-    try:
-        digest = hashlib.sha256()
-        with os.fdopen(handle, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
-            while chunk := response.read(1 << 20):
-                digest.update(chunk)
-                out.write(chunk)
-        if digest.hexdigest() != sha256:
-            raise ValueError(
-                f"sha256 checksum mismatch for {url}: expected {sha256}, got {digest.hexdigest()}; "
-                f"the file was discarded"
-            )
-        if url.endswith(".zip"):
-            _extract_npz_members(Path(part), cache, file_name, url)
-        else:
-            os.replace(part, cache / file_name)
-    finally:
-        if os.path.exists(part):
-            os.remove(part)
+    with tempfile.TemporaryDirectory(dir=cache, prefix=".download-") as folder:
+        archive = Path(folder) / "download.zip"
+        _fetch(url, sha256, archive)
+        _extract_npz_members(archive, cache, file_name, url)
 
 
 def _extract_npz_members(archive: Path, cache: Path, file_name: str, url: str) -> None:
@@ -477,15 +481,8 @@ def _extract_npz_members(archive: Path, cache: Path, file_name: str, url: str) -
         if file_name not in members:
             raise ValueError(f"{url} does not contain {file_name!r}; members: {sorted(members)}")
         for base, member in members.items():
-            handle, part = tempfile.mkstemp(dir=cache, prefix=f".{base}.", suffix=".part")
-            try:
-                with os.fdopen(handle, "wb") as out, zf.open(member) as src:
-                    while chunk := src.read(1 << 20):
-                        out.write(chunk)
-                os.replace(part, cache / base)
-            finally:
-                if os.path.exists(part):
-                    os.remove(part)
+            with files.atomic_path(cache / base, suffix=".part") as part, open(part, "wb") as out, zf.open(member) as src:
+                shutil.copyfileobj(src, out, 1 << 20)
 
 
 def load_dataset(

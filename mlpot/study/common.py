@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,7 +10,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from mlpot import export, keys
+from mlpot import export, files, keys
 from mlpot.checkpoint import load_potential
 from mlpot.data import datasets
 from mlpot.data.datasets import Frames, load_dataset, split_indices
@@ -225,11 +224,8 @@ def _jsonable(value):
 
 
 def write_json(path, data) -> Path:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(_jsonable(data), indent=2, ensure_ascii=False) + "\n")
-    tmp.replace(path)
-    return path
+    """A study result as JSON (numpy values converted), written atomically."""
+    return files.write_json(path, _jsonable(data))
 
 
 def pyplot():

@@ -22,6 +22,7 @@ import torch
 
 from mlpot.data.graph import collate
 from mlpot.data.registry import study_dataset
+from mlpot.threads import torch_threads
 from mlpot.study.common import (
     evaluate, load_model, load_model_and_data, median_latency_ms, output_dir, pyplot, write_json,
 )
@@ -244,12 +245,8 @@ def latency_of(path_or_module, graph, calls: int) -> float:
     from mlpot import export
 
     module = export.load(path_or_module)[0] if isinstance(path_or_module, (str, Path)) else path_or_module
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         return median_latency_ms(module, graph, calls)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def run_irreps(model_spec, data: Optional[str] = None, frames: Optional[int] = 1000, split: str = "test", seed: int = 0,

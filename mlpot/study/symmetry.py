@@ -29,7 +29,9 @@ from torch import nn
 
 from mlpot import keys
 from mlpot.data.graph import make_graph
+from mlpot.nn.forces import forces_and_virial
 from mlpot.data.registry import study_dataset
+from mlpot.threads import torch_threads
 from mlpot.study.common import (
     evaluate, load_frames, load_model, output_dir, pyplot, write_json,
 )
@@ -114,7 +116,7 @@ class CartesianMLP(nn.Module):
         positions = positions.detach().requires_grad_(True)
         x = (positions.flatten(1) - self.mean) / self.std
         energy = self.net(x).squeeze(-1) * self.scale + self.offset
-        forces = -torch.autograd.grad(energy.sum(), positions, create_graph=self.training)[0]
+        forces, _ = forces_and_virial(energy, positions, None, create_graph=self.training)
         return energy, forces
 
 
@@ -255,10 +257,9 @@ def run_symmetry(model_spec, structure: Optional[str] = None, n: int = 100, dtyp
         data = study_dataset(baseline_data or loaded.meta.get("dataset") or "ethanol")
         levels = [c.strip() if c.strip() == "inf" else int(c) for c in str(copies).split(",") if c.strip()]
         print(f"non-symmetric baseline (Cartesian MLP) on {data}, {baseline_steps} steps per level:", flush=True)
-        torch_threads = torch.get_num_threads()
-        result["baseline"] = run_baseline(data, levels, baseline_steps, seed, test_frames, data_dir,
-                                          (module, loaded.meta["cutoff"], torch_dtype), train_frames)
-        torch.set_num_threads(torch_threads)
+        with torch_threads(None):  # the baseline's training sets its own thread count
+            result["baseline"] = run_baseline(data, levels, baseline_steps, seed, test_frames, data_dir,
+                                              (module, loaded.meta["cutoff"], torch_dtype), train_frames)
         sym = result["baseline"]["symmetric_model"]
         print(f"  {loaded.kind} on the same test frames: E MAE canonical {sym['canonical']['energy_mae_meV']:.2f}, "
               f"rotated {sym['rotated']['energy_mae_meV']:.2f}, translated {sym['translated']['energy_mae_meV']:.2f} meV")

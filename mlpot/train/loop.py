@@ -33,6 +33,7 @@ from mlpot.data.splits import frames_to_graphs, split_frames
 from mlpot.data.statistics import fit_statistics
 from mlpot.dtypes import dtype_of
 from mlpot.models import build_potential
+from mlpot.threads import torch_threads
 from mlpot.train.compiled import CompiledTraining
 from mlpot.train.config import Config, ConfigError
 from mlpot.train.metrics import error_metrics, format_metrics, predict
@@ -464,17 +465,12 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> Dict[str,
     Returns the test metrics (an empty dict on ranks other than 0).
     """
     rank, world = _distributed()
-    threads = torch.get_num_threads()
-    try:
-        if cfg.train.num_threads:
-            torch.set_num_threads(cfg.train.num_threads)
+    with torch_threads(cfg.train.num_threads):
         trainer = Trainer(cfg, resume, rank, world)
         stopped = trainer.fit(progress)
         if rank != 0:
             return {}
         return finish(cfg, trainer.test_frames, trainer.history, stopped, trainer.elapsed, trainer.device, progress)
-    finally:
-        torch.set_num_threads(threads)
 
 
 # === report and deploy ===
