@@ -281,7 +281,7 @@ def test_garbage_files(tmp_path):
 def test_xyz_without_labels_is_rejected(tmp_path):
     path = tmp_path / "plain.xyz"
     ase.io.write(path, ase.Atoms("H2O", positions=np.eye(3)), format="xyz")
-    with pytest.raises(ValueError, match="frame 0 has no energy and forces"):
+    with pytest.raises(ValueError, match="frame 0 has no .energy.; it has info keys"):
         read_frames(path)
 
 

@@ -110,6 +110,10 @@ class Frames:
         forces: Forces per frame in eV/Å, float64 arrays of shape (n_i, 3).
         name: Short label of the set.
         source: Path of the file the frames came from.
+        cells: Cell vectors (rows) in Å, float64 (M, 3, 3); zeros for molecules (the default).
+        pbc: Periodic directions, bool (M, 3); all False for molecules (the default).
+        stress: Stress in eV/Å^3, float64 (M, 3, 3) (ASE's sign: positive under tension), or None.
+        weights: Per-frame loss weights, float64 (M,), default 1.
     """
 
     numbers: list[np.ndarray]
@@ -118,6 +122,10 @@ class Frames:
     forces: list[np.ndarray]
     name: str = ""
     source: str = ""
+    cells: np.ndarray | None = None
+    pbc: np.ndarray | None = None
+    stress: np.ndarray | None = None
+    weights: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         where = self.source or self.name or "<frames>"
@@ -139,12 +147,30 @@ class Frames:
                         f"{label} of frame {i} have shape {values.shape}, expected ({len(z)}, 3) in {where}"
                     )
                 _check_finite(values, label, i, where)
+        self.cells = _per_frame(self.cells, np.zeros((n_frames, 3, 3)), (n_frames, 3, 3), "cells (Å)", where)
+        self.pbc = _per_frame(self.pbc, np.zeros((n_frames, 3), dtype=bool), (n_frames, 3), "pbc", where).astype(bool)
+        self.weights = _per_frame(self.weights, np.ones(n_frames), (n_frames,), "weights", where)
+        if self.stress is not None:
+            self.stress = _per_frame(self.stress, None, (n_frames, 3, 3), "stress (eV/Å^3)", where)
+        if (self.weights < 0).any():
+            frame = int(np.flatnonzero(self.weights < 0)[0])
+            raise ValueError(f"weight of frame {frame} is {self.weights[frame]:g} in {where}; weights must be >= 0")
+        for i in np.flatnonzero(self.pbc.any(axis=1)):
+            # a periodic direction needs a cell vector along it (a zero vector would make the graph wrong)
+            lengths = np.linalg.norm(self.cells[i], axis=1)
+            if np.any(self.pbc[i] & (lengths == 0)):
+                raise ValueError(f"frame {i} is periodic along {self.pbc[i].tolist()} but has a zero cell vector there in {where}")
 
     def __len__(self) -> int:
         return len(self.energy)
 
+    @property
+    def periodic(self) -> bool:
+        """Whether any frame is periodic in any direction."""
+        return bool(self.pbc.any())
+
     def subset(self, indices: Sequence[int] | np.ndarray) -> Frames:
-        """Returns the frames at the given indices, in that order."""
+        """Returns the frames at the given indices, in that order (with their cells, pbc, stress, weights)."""
         indices = np.asarray(indices, dtype=np.int64).reshape(-1)
         return Frames(
             numbers=[self.numbers[i] for i in indices],
@@ -153,13 +179,42 @@ class Frames:
             forces=[self.forces[i] for i in indices],
             name=self.name,
             source=self.source,
+            cells=self.cells[indices],
+            pbc=self.pbc[indices],
+            stress=None if self.stress is None else self.stress[indices],
+            weights=self.weights[indices],
         )
 
     def to_atoms(self, i: int) -> ase.Atoms:
-        """Returns frame i as ase.Atoms with its energy and forces in a SinglePointCalculator."""
-        atoms = ase.Atoms(numbers=self.numbers[i], positions=self.positions[i].copy())
-        atoms.calc = SinglePointCalculator(atoms, energy=float(self.energy[i]), forces=self.forces[i].copy())
+        """Returns frame i as ase.Atoms (cell, pbc; weight in ``info["weight"]``) with its energy,
+        forces and stress in a SinglePointCalculator."""
+        atoms = ase.Atoms(
+            numbers=self.numbers[i], positions=self.positions[i].copy(), cell=self.cells[i].copy(), pbc=self.pbc[i].copy()
+        )
+        results = {"energy": float(self.energy[i]), "forces": self.forces[i].copy()}
+        if self.stress is not None:
+            results["stress"] = self.stress[i].copy()
+        atoms.calc = SinglePointCalculator(atoms, **results)
+        atoms.info["weight"] = float(self.weights[i])
         return atoms
+
+    def compositions(self) -> list[str]:
+        """Chemical formula of each frame (Hill order, e.g. ``C2H6O``)."""
+        return [ase.Atoms(numbers=z).get_chemical_formula(mode="hill") for z in self.numbers]
+
+
+def _per_frame(values, default, shape: tuple, label: str, where: str) -> np.ndarray:
+    """values (or default when None) as a float64/bool array of the given shape, finite; else ValueError."""
+    if values is None:
+        return default
+    array = np.asarray(values)
+    array = array if array.dtype == bool else array.astype(np.float64)
+    if array.shape != shape:
+        raise ValueError(f"{label} have shape {array.shape}, expected {shape} in {where}")
+    if array.dtype != bool:
+        for i in np.flatnonzero(~np.isfinite(array.reshape(shape[0], -1)).all(axis=1))[:1]:
+            _check_finite(array[i], label, int(i), where)
+    return array
 
 
 def _check_finite(values: np.ndarray, label: str, frame: int | None, where: str) -> None:
@@ -209,7 +264,17 @@ def data_format(path: str | os.PathLike) -> str:
     return "ase"
 
 
-def read_frames(path: str | os.PathLike, name: str | None = None, units: str | None = None) -> Frames:
+WEIGHT_KEYS = ("weight", "config_weight")  # per-frame info keys read as loss weights
+
+
+def read_frames(
+    path: str | os.PathLike,
+    name: str | None = None,
+    units: str | None = None,
+    energy_key: str = "energy",
+    forces_key: str = "forces",
+    stress_key: str = "stress",
+) -> Frames:
     """Reads labelled structures from a file and converts them to eV and Å.
 
     Recognised layouts: sGDML / original MD17 npz (keys E, F, R, z in kcal/mol),
@@ -221,6 +286,10 @@ def read_frames(path: str | os.PathLike, name: str | None = None, units: str | N
         name: Label for the frames; defaults to the file name without suffix.
         units: energy unit of the file ("eV" or "kcal/mol", forces per Å); default: kcal/mol for
             the MD17 npz layouts, eV for ASE files.
+        energy_key, forces_key, stress_key: names of the labels in an ASE file's ``info``/``arrays``
+            or calculator results (MACE-style files: ``REF_energy``, ``REF_forces``, ``REF_stress``).
+            Stress (or ``virial``, read as stress = -virial/V) is optional; cell, pbc and a per-frame
+            ``weight``/``config_weight`` are read too.
 
     Raises:
         FileNotFoundError: If the file does not exist.
@@ -236,12 +305,14 @@ def read_frames(path: str | os.PathLike, name: str | None = None, units: str | N
         frames = _read_npz(path, name)
         default = "kcal/mol"
     else:
-        frames = _read_with_ase(path, name)
+        frames = _read_with_ase(path, name, energy_key, forces_key, stress_key)
         default = "eV"
     if units is not None and units != default:
         factor = ENERGY_UNITS[units] / ENERGY_UNITS[default]
         frames.energy = frames.energy * factor
         frames.forces = [f * factor for f in frames.forces]
+        if frames.stress is not None:
+            frames.stress = frames.stress * factor
     bounds = np.array([_max_plausible_energy(z) for z in frames.numbers])
     worst = int(np.argmax(np.abs(frames.energy) / bounds))
     if abs(frames.energy[worst]) > bounds[worst]:
@@ -313,23 +384,85 @@ def _frames_from_kcal_arrays(path, name, z, r, e, f) -> Frames:
     )
 
 
-def _read_with_ase(path: Path, name: str) -> Frames:
-    """Reads any ASE-readable file whose frames carry energy and forces in eV and eV/Å."""
+def _label(atoms: ase.Atoms, key: str):
+    """The value stored under key in atoms.info, atoms.arrays or its calculator's results, else None.
+
+    ASE's extxyz reader moves the standard names (energy, forces, stress) into a SinglePointCalculator
+    and leaves other names (REF_energy...) in info/arrays, so all three places are looked in."""
+    if key in atoms.info:
+        return atoms.info[key]
+    if key in atoms.arrays:
+        return atoms.arrays[key]
+    results = getattr(atoms.calc, "results", None) or {}
+    return results.get(key)
+
+
+def _keys_of(atoms: ase.Atoms) -> str:
+    """The label names a frame has, for error messages."""
+    results = sorted(getattr(atoms.calc, "results", None) or {})
+    return (
+        f"info keys {sorted(atoms.info)}, arrays keys {sorted(atoms.arrays)}"
+        + (f", calculator results {results}" if results else "")
+    )
+
+
+def _stress_of(atoms: ase.Atoms, stress_key: str, path: Path, i: int):
+    """Stress (3, 3) in eV/Å^3 from stress_key (6 Voigt, 9 or 3x3 values) or from a virial (eV), else None."""
+    from ase.stress import voigt_6_to_full_3x3_stress
+
+    value, sign = _label(atoms, stress_key), 1.0
+    if value is None and stress_key == "stress":
+        value, sign = _label(atoms, "virial"), -1.0 / atoms.get_volume() if atoms.pbc.all() else 0.0
+        if value is not None and sign == 0.0:
+            raise ValueError(f"{path}: frame {i} has a virial but no 3-D periodic cell to divide it by; add its Lattice")
+    if value is None:
+        return None
+    value = np.asarray(value, dtype=np.float64)
+    if value.size == 6:
+        value = voigt_6_to_full_3x3_stress(value.reshape(6))
+    elif value.size == 9:
+        value = value.reshape(3, 3)
+    else:
+        raise ValueError(f"{path}: stress of frame {i} has {value.size} values, expected 6 (Voigt), 9 or 3x3")
+    return sign * value
+
+
+def _read_with_ase(path: Path, name: str, energy_key: str = "energy", forces_key: str = "forces",
+                   stress_key: str = "stress") -> Frames:
+    """Reads any ASE-readable file whose frames carry energy and forces (eV, eV/Å), with cell, pbc,
+    optional stress/virial and per-frame weights."""
     try:
         images = ase.io.read(path, index=":")
     except Exception as error:  # ASE raises many different exception types on bad input
         raise ValueError(f"{path} is {UNRECOGNISED} (ase.io.read failed: {error})") from error
     if not images:
         raise ValueError(f"{path} is {UNRECOGNISED}: it contains no frames")
-    energies, forces = [], []
+    energies, forces, stresses, weights = [], [], [], []
     for i, atoms in enumerate(images):
-        try:
-            energies.append(atoms.get_potential_energy())
-            forces.append(atoms.get_forces())
-        except Exception as error:  # no calculator, or a calculator without these results
-            raise ValueError(
-                f"{path} is {UNRECOGNISED}: frame {i} has no energy and forces ({type(error).__name__}: {error})"
-            ) from error
+        for key, setting in ((energy_key, "energy_key"), (forces_key, "forces_key")):
+            if _label(atoms, key) is None:
+                raise ValueError(
+                    f"{path}: frame {i} has no {key!r}; it has {_keys_of(atoms)}; "
+                    f"name the right one with data.{setting} (read_frames(..., {setting}=...))"
+                )
+        energy = np.asarray(_label(atoms, energy_key), dtype=np.float64)
+        if energy.size != 1:
+            raise ValueError(f"{path}: {energy_key!r} of frame {i} has {energy.size} values, expected one energy in eV")
+        energies.append(float(energy.reshape(())))
+        forces.append(np.asarray(_label(atoms, forces_key), dtype=np.float64))
+        stresses.append(_stress_of(atoms, stress_key, path, i))
+        weight = next((atoms.info[k] for k in WEIGHT_KEYS if k in atoms.info), 1.0)
+        weights.append(weight)
+    with_stress = [s is not None for s in stresses]
+    if any(with_stress) and not all(with_stress):
+        raise ValueError(
+            f"{path}: frame {with_stress.index(False)} has no stress but frame {with_stress.index(True)} has; "
+            f"label every frame with {stress_key!r} or none"
+        )
+    try:
+        weights = np.asarray(weights, dtype=np.float64)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{path}: a per-frame weight ({'/'.join(WEIGHT_KEYS)}) is not a number ({error})") from None
     return Frames(
         numbers=[atoms.numbers for atoms in images],
         positions=[atoms.positions for atoms in images],
@@ -337,6 +470,10 @@ def _read_with_ase(path: Path, name: str) -> Frames:
         forces=forces,
         name=name,
         source=str(path),
+        cells=np.array([atoms.cell.array for atoms in images]),
+        pbc=np.array([atoms.pbc for atoms in images]),
+        stress=np.array(stresses) if all(with_stress) else None,
+        weights=weights,
     )
 
 
@@ -492,6 +629,7 @@ def load_dataset(
     data_dir: str | os.PathLike | None = None,
     cache_dir: str | os.PathLike | None = None,
     download: bool = True,
+    **keys,
 ) -> Frames:
     """Loads a named dataset (see dataset_path) or a file given by its path, in eV and Å.
 
@@ -502,11 +640,12 @@ def load_dataset(
         data_dir: Folder holding the reference data; defaults to $MLPOT_DATA_DIR.
         cache_dir: Folder for downloads; defaults to $MLPOT_CACHE_DIR or ~/.cache/mlpot.
         download: Whether a missing file may be downloaded.
+        keys: energy_key, forces_key, stress_key for ASE files (see read_frames).
     """
     if Path(name).is_file():
-        return read_frames(name)
+        return read_frames(name, **keys)
     path = dataset_path(str(name), split, index, data_dir=data_dir, cache_dir=cache_dir, download=download)
-    return read_frames(path)
+    return read_frames(path, **keys)
 
 
 def split_indices(n: int, sizes: Sequence[int], seed: int) -> list[np.ndarray]:
