@@ -1,6 +1,7 @@
 """Training sets from frames: train/validation/test splits, and frames as labelled graphs."""
 
-from typing import List, Optional, Tuple
+import warnings
+from typing import List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -9,45 +10,100 @@ from mlpot import keys
 from mlpot.data.datasets import Frames, block_split, split_indices
 from mlpot.data.graph import Graph, make_graph
 
+SPLITS = ("auto", "random", "contiguous")
+Size = Union[int, float]  # a count of frames, or a fraction 0 < x < 1 of those available
+
+
+def resolve_size(size: Size, available: int, label: str) -> int:
+    """The number of frames ``size`` means out of ``available``: a count as is, a fraction rounded."""
+    if isinstance(size, float):
+        if not 0 < size < 1:
+            raise ValueError(f"{label} {size!r} is neither a count (an integer) nor a fraction (0 < x < 1)")
+        count = int(round(size * available))
+        if count < 1:
+            raise ValueError(f"{label} {size!r} of {available} frames is no frame; use a larger fraction or a count")
+        return count
+    return int(size)
+
+
+def split_mode(pool: Frames, split: str = "auto") -> str:
+    """``random`` or ``contiguous``: ``auto`` takes random for a file of many structures (more than one
+    composition, or any periodic frame) and contiguous blocks for a single trajectory (one composition)."""
+    if split not in SPLITS:
+        raise ValueError(f"split {split!r} is not one of {list(SPLITS)}")
+    if split != "auto":
+        return split
+    return "random" if pool.periodic or len(set(pool.compositions())) > 1 else "contiguous"
+
+
+def unseen_compositions(train: Frames, other: Frames) -> List[str]:
+    """The compositions (Hill formulas) of ``other`` that no frame of ``train`` has, sorted."""
+    return sorted(set(other.compositions()) - set(train.compositions()))
+
 
 def split_frames(
     pool: Frames,
-    train_size: int,
-    val_size: int,
+    train_size: Size,
+    val_size: Size,
     seed: int,
     test: Optional[Frames] = None,
-    test_size: Optional[int] = None,
+    test_size: Optional[Size] = None,
+    split: str = "auto",
 ) -> Tuple[Frames, Frames, Frames]:
     """(train, val, test) frames; a ValueError says which sizes do not fit.
 
-    With a separate ``test`` set, train and val are drawn at random from all of ``pool`` and
-    ``test_size`` frames (all when None) at random from ``test``. Without one, ``pool`` (a correlated
-    trajectory) is cut into contiguous blocks: the last ``test_size`` frames (all that train + val leave
-    when None) test, and train and val are drawn at random from the block before them.
+    Sizes are counts or fractions (0 < x < 1) of the frames they are drawn from. With a separate ``test``
+    set, train and val are drawn at random from all of ``pool`` and ``test_size`` frames (all when None)
+    at random from ``test``. Without one, ``split`` (see :func:`split_mode`) says how ``pool`` is cut:
+    ``contiguous`` (a correlated trajectory) tests on the last ``test_size`` frames (all that train + val
+    leave when None) and draws train and val at random from the block before them; ``random`` draws all
+    three at random. Warns (UserWarning) naming every composition in val or test that train lacks.
     """
-    n_fit = train_size + val_size
+    mode = split_mode(pool, split)
+    n_pool = len(pool)
+    n_train = resolve_size(train_size, n_pool, "train_size")
+    n_val = resolve_size(val_size, n_pool, "val_size")
+    n_fit = n_train + n_val
     if test is not None:
         if test_size is not None:
-            test = test.subset(split_indices(len(test), [test_size], seed)[0])
-        fit_idx = np.arange(len(pool))
+            n_test = resolve_size(test_size, len(test), "test_size")
+            if n_test > len(test):
+                raise ValueError(f"test_size = {n_test} but the test set has only {len(test)} frames")
+            test = test.subset(split_indices(len(test), [n_test], seed)[0])
+        fit_idx = np.arange(n_pool)
     else:
-        n_test = test_size if test_size is not None else len(pool) - n_fit
+        n_test = resolve_size(test_size, n_pool, "test_size") if test_size is not None else n_pool - n_fit
         if n_test < 1:
-            raise ValueError(f"{len(pool)} frames leave none for testing after {n_fit} for train+val")
-        fit_idx, test_idx = block_split(len(pool), [len(pool) - n_test, n_test])
+            raise ValueError(f"{n_pool} frames leave none for testing after {n_fit} for train+val")
+        if mode == "contiguous":
+            fit_idx, test_idx = block_split(n_pool, [n_pool - n_test, n_test])
+        else:
+            # test first, so that train and val are drawn from the rest as in the contiguous case
+            test_idx, fit_idx = split_indices(n_pool, [n_test, n_pool - n_test], seed + 1)
         test = pool.subset(test_idx)
     if n_fit > len(fit_idx):
         raise ValueError(f"train_size + val_size = {n_fit} but only {len(fit_idx)} frames are available")
-    train_idx, val_idx = split_indices(len(fit_idx), [train_size, val_size], seed)
-    return pool.subset(fit_idx[train_idx]), pool.subset(fit_idx[val_idx]), test
+    train_idx, val_idx = split_indices(len(fit_idx), [n_train, n_val], seed)
+    train, val = pool.subset(fit_idx[train_idx]), pool.subset(fit_idx[val_idx])
+    for label, frames in (("validation", val), ("test", test)):
+        unseen = unseen_compositions(train, frames)
+        if unseen:
+            warnings.warn(
+                f"the {label} set holds composition(s) the training set never saw: {', '.join(unseen)}; "
+                f"its errors there measure extrapolation (a random split, data.split: random, or a larger data.train_size mixes them in)",
+                stacklevel=2,
+            )
+    return train, val, test
 
 
 def frames_to_graphs(frames: Frames, cutoff: float, dtype: torch.dtype, device="cpu") -> List[Graph]:
-    """One graph per frame, neighbours within ``cutoff`` Å, labelled with ``energy_ref`` (1,) eV and
-    ``forces_ref`` (N, 3) eV/Å."""
+    """One graph per frame (with its cell and pbc where it is periodic), neighbours within ``cutoff`` Å,
+    labelled with ``energy_ref`` (1,) eV and ``forces_ref`` (N, 3) eV/Å."""
     graphs = []
     for i in range(len(frames)):
-        g = make_graph(frames.numbers[i], frames.positions[i], cutoff, dtype=dtype, device=device)
+        periodic = bool(frames.pbc[i].any())
+        cell, pbc = (frames.cells[i], frames.pbc[i]) if periodic else (None, None)
+        g = make_graph(frames.numbers[i], frames.positions[i], cutoff, cell, pbc, dtype=dtype, device=device)
         g[keys.ENERGY_REF] = torch.tensor([frames.energy[i]], dtype=dtype, device=device)
         g[keys.FORCES_REF] = torch.as_tensor(frames.forces[i], dtype=dtype, device=device)
         graphs.append(g)

@@ -4,6 +4,7 @@ neighbour count, shortest pair distances."""
 from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
+from ase.geometry import get_distances
 
 from mlpot import keys
 from mlpot.data.datasets import Frames
@@ -29,19 +30,24 @@ def force_scale(frames: Frames) -> float:
 def avg_num_neighbors(frames: Frames, cutoff: float) -> float:
     """Mean number of neighbours within ``cutoff`` Å per atom, over an even sample of the frames."""
     sample = range(0, len(frames), max(1, len(frames) // NEIGHBOR_SAMPLE))
-    counts = [
-        make_graph(frames.numbers[i], frames.positions[i], cutoff)[keys.EDGE_INDEX].shape[1] / len(frames.numbers[i])
-        for i in sample
-    ]
+    counts = []
+    for i in sample:
+        cell, pbc = (frames.cells[i], frames.pbc[i]) if frames.pbc[i].any() else (None, None)
+        graph = make_graph(frames.numbers[i], frames.positions[i], cutoff, cell, pbc)
+        counts.append(graph[keys.EDGE_INDEX].shape[1] / len(frames.numbers[i]))
     return float(np.mean(counts))
 
 
 def min_pair_distances(frames: Frames) -> Dict[str, float]:
-    """Shortest distance seen for each element pair, Å, keyed ``"Z1-Z2"`` with Z1 <= Z2."""
+    """Shortest distance seen for each element pair, Å, keyed ``"Z1-Z2"`` with Z1 <= Z2 (periodic frames:
+    minimum-image distances between distinct atoms)."""
     shortest: Dict[Tuple[int, int], float] = {}
-    for numbers, positions in zip(frames.numbers, frames.positions):
-        diff = positions[None] - positions[:, None]
-        dist = np.sqrt(np.einsum("ijk,ijk->ij", diff, diff))
+    for numbers, positions, cell, pbc in zip(frames.numbers, frames.positions, frames.cells, frames.pbc):
+        if pbc.any():
+            dist = get_distances(positions, cell=cell, pbc=pbc)[1]
+        else:
+            diff = positions[None] - positions[:, None]
+            dist = np.sqrt(np.einsum("ijk,ijk->ij", diff, diff))
         i, j = np.triu_indices(len(numbers), k=1)
         pairs = np.sort(np.stack([numbers[i], numbers[j]], axis=1), axis=1)
         for pair in np.unique(pairs, axis=0):
@@ -53,10 +59,12 @@ def min_pair_distances(frames: Frames) -> Dict[str, float]:
 
 def fit_statistics(frames: Frames, species: List[int], cutoff: float) -> Dict[str, object]:
     """All of the above as plain data (stored in training checkpoints): ``energy_shift`` (list, eV),
-    ``energy_scale`` (eV/Å), ``avg_num_neighbors``, ``min_pair_distances`` (Å)."""
+    ``energy_scale`` (eV/Å), ``avg_num_neighbors``, ``min_pair_distances`` (Å), ``periodic`` (any
+    periodic frame)."""
     return {
         "energy_shift": energy_shift(frames, species).tolist(),
         "energy_scale": force_scale(frames),
         "avg_num_neighbors": avg_num_neighbors(frames, cutoff),
         "min_pair_distances": min_pair_distances(frames),
+        "periodic": frames.periodic,
     }

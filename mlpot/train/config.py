@@ -24,10 +24,18 @@ class DataConfig:
     test_dataset: Optional[str] = None  # file/name of the test set; default: the dataset's own test split
     index: int = 1  # rMD17 split 1..5
     data_dir: Optional[str] = None  # default: $MLPOT_DATA_DIR
-    train_size: int = 950
-    val_size: int = 50
-    test_size: Optional[int] = None  # None: the whole test split
+    # sizes: a count of frames, or a fraction 0 < x < 1 of the frames they are drawn from
+    train_size: Union[int, float] = 950
+    val_size: Union[int, float] = 50
+    test_size: Optional[Union[int, float]] = None  # None: the whole test split (or all train + val leave)
+    # auto: random for a file of many structures (several compositions or periodic), contiguous blocks
+    # for one trajectory (as for the MD17 names); see mlpot.data.splits.split_mode
+    split: str = "auto"
     seed: int = 0
+    # label names in ASE files (MACE-style files: REF_energy, REF_forces, REF_stress)
+    energy_key: str = "energy"
+    forces_key: str = "forces"
+    stress_key: str = "stress"
 
 
 @dataclass
@@ -59,6 +67,7 @@ class TrainConfig:
     huber_delta: float = 0.01
     energy_weight: float = 1.0  # on per-atom energy errors
     forces_weight: float = 100.0
+    stress_weight: float = 0.0  # must stay 0 until the potentials compute stress
     grad_clip: Optional[float] = 10.0
     ema_decay: Optional[float] = 0.99
     early_stopping_patience: Optional[int] = 50
@@ -86,6 +95,7 @@ class Config:
 
 
 _CHOICES = {
+    "data.split": ("auto", "random", "contiguous"),
     "model.kind": ("gcn", "schnet", "egnn"),
     "model.dtype": DTYPE_NAMES,
     "train.optimizer": ("adam", "adamw"),
@@ -99,11 +109,16 @@ _CHOICES = {
 def _check_type(key: str, value, annotation):
     """Return ``value`` converted to ``annotation`` where that is lossless, else raise ConfigError."""
     origin = get_origin(annotation)
-    if origin is Union:  # Optional[X]
-        if value is None:
+    if origin is Union:  # Optional[X], or X | Y tried in order
+        if value is None and type(None) in get_args(annotation):
             return None
-        (inner,) = [a for a in get_args(annotation) if a is not type(None)]
-        return _check_type(key, value, inner)
+        inner = [a for a in get_args(annotation) if a is not type(None)]
+        for candidate in inner[:-1]:
+            try:
+                return _check_type(key, value, candidate)
+            except ConfigError:
+                pass
+        return _check_type(key, value, inner[-1])
     if annotation is Any:
         return value
     if origin in (dict, Dict):
@@ -177,9 +192,14 @@ def config_from_dict(raw: dict, overrides: List[str] = ()) -> Config:
         _apply_override(raw, assignment)
     config = _fill(Config, raw, "")
     check_model_hparams(config.model.kind, config.model.hparams)
-    for key in ("train_size", "val_size"):
-        if getattr(config.data, key) < 1:
-            raise ConfigError(f"data.{key} must be at least 1")
+    for key in ("train_size", "val_size", "test_size"):
+        size = getattr(config.data, key)
+        if size is None or (isinstance(size, int) and size >= 1):
+            continue
+        if isinstance(size, int) or not 0 < size < 1:
+            raise ConfigError(f"data.{key} is {size!r}: give a count of frames (at least 1) or a fraction (0 < x < 1)")
+    if config.train.stress_weight != 0:
+        raise ConfigError("train.stress_weight: stress training is not available yet; set it to 0")
     if not 1 <= config.data.index <= 5:
         raise ConfigError(f"data.index: rMD17 splits are numbered 1..5, got {config.data.index}")
     if config.train.batch_size < 1:

@@ -50,15 +50,17 @@ def _load(name_or_path: str, split: Optional[str], cfg: Config, key: str = "data
             f"({', '.join(datasets.known_datasets())})"
         )
     try:
-        return load_dataset(name_or_path, split=split, index=cfg.data.index, data_dir=cfg.data.data_dir)
-    except FileNotFoundError as err:
+        return load_dataset(name_or_path, split=split, index=cfg.data.index, data_dir=cfg.data.data_dir,
+                            energy_key=cfg.data.energy_key, forces_key=cfg.data.forces_key,
+                            stress_key=cfg.data.stress_key)
+    except (FileNotFoundError, ValueError) as err:
         raise ConfigError(f"{key}: {err}") from None
 
 
 def load_splits(cfg: Config) -> Tuple[Frames, Frames, Frames]:
     """(train, val, test) frames of ``cfg.data``. Named sets with a test split (sGDML, rMD17, xTB) draw
-    train and val from the training file and test from the test file; a single file is split into
-    contiguous blocks (see :func:`mlpot.data.splits.split_frames`)."""
+    train and val from the training file and test from the test file; a single file is split as
+    ``data.split`` says (see :func:`mlpot.data.splits.split_frames`)."""
     d = cfg.data
     has_test_file = not Path(d.dataset).is_file() and d.dataset not in datasets.SINGLE_FILE_DATASETS
     pool = _load(d.dataset, "train" if has_test_file else None, cfg)
@@ -68,7 +70,7 @@ def load_splits(cfg: Config) -> Tuple[Frames, Frames, Frames]:
     elif has_test_file:
         test = _load(d.dataset, "test", cfg)
     try:
-        return split_frames(pool, d.train_size, d.val_size, d.seed, test=test, test_size=d.test_size)
+        return split_frames(pool, d.train_size, d.val_size, d.seed, test=test, test_size=d.test_size, split=d.split)
     except ValueError as err:
         raise ConfigError(f"data: {err}") from None
 
@@ -116,11 +118,13 @@ def make_optimizer(params, name: str = "adam", lr: float = 1e-3, weight_decay: f
 
 
 def _loss_fn(kind: str, delta: float):
+    """loss(x, w): the mean over x's elements of the per-element loss times the weights w (broadcast to
+    x's shape; w = 1 gives the plain mean exactly)."""
     if kind == "mse":
-        return lambda x: (x**2).mean()
+        return lambda x, w: (x**2 * w).mean()
     if kind == "mae":
-        return lambda x: x.abs().mean()
-    return lambda x: torch.nn.functional.huber_loss(x, torch.zeros_like(x), delta=delta)
+        return lambda x, w: (x.abs() * w).mean()
+    return lambda x, w: (torch.nn.functional.huber_loss(x, torch.zeros_like(x), delta=delta, reduction="none") * w).mean()
 
 
 def _make_scheduler(optimizer, cfg: Config):
@@ -287,6 +291,8 @@ class Trainer:
         self.potential, self.stats = _build_potential(cfg, train_frames, state, self.device)
         dtype = dtype_of(cfg.model.dtype)
         self.train_graphs = frames_to_graphs(train_frames, cfg.model.cutoff, dtype, self.device)
+        # per-frame loss weights, indexed by training frame
+        self.train_weights = torch.as_tensor(train_frames.weights, dtype=dtype, device=self.device)
         self.val_graphs = frames_to_graphs(val_frames, cfg.model.cutoff, dtype, self.device)
 
         self.params = [p for p in self.potential.parameters() if p.requires_grad]
@@ -364,7 +370,9 @@ class Trainer:
             out = self.step_model(batch)
             e_err = (out[keys.ENERGY] - batch[keys.ENERGY_REF]) / batch[keys.NUM_ATOMS]
             f_err = out[keys.FORCES] - batch[keys.FORCES_REF]
-            loss = t.energy_weight * self.loss_of(e_err) + t.forces_weight * self.loss_of(f_err)
+            w = self.train_weights[idx]  # (B,): each frame's energy error and its atoms' force errors
+            w_atoms = w.repeat_interleave(batch[keys.NUM_ATOMS])[:, None]
+            loss = t.energy_weight * self.loss_of(e_err, w) + t.forces_weight * self.loss_of(f_err, w_atoms)
             if self._nonfinite_anywhere(loss):
                 skipped += 1
                 self._skip_or_stop(f"non-finite loss at epoch {epoch + 1}, batch {step} (training frames {idx})", skipped)
@@ -545,13 +553,15 @@ def report(cfg: Config, potential, best: dict, test_frames: Frames, history, sto
 
 
 def deploy(cfg: Config, potential, test_metrics: Dict[str, float]) -> Path:
-    """Write ``run_dir/model.pt``: the deployed ``potential`` with the test metrics and the training
-    set's shortest pair distances (which the calculators warn below)."""
+    """Write ``run_dir/model.pt``: the deployed ``potential`` with the test metrics, the training
+    set's shortest pair distances (which the calculators warn below) and ``periodic: true`` when the
+    training data was periodic (the calculators then take periodic cells)."""
     run_dir = Path(cfg.run_dir)
     stats = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=False)["statistics"]
     path = run_dir / "model.pt"
+    periodic = {"periodic": True} if stats.get("periodic") else {}
     export.save(potential, path, dataset=cfg.data.dataset, metrics=test_metrics,
-                min_pair_distances=stats.get("min_pair_distances", {}))
+                min_pair_distances=stats.get("min_pair_distances", {}), **periodic)
     return path
 
 
