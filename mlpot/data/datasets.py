@@ -200,7 +200,11 @@ class Frames:
 
     def compositions(self) -> list[str]:
         """Chemical formula of each frame (Hill order, e.g. ``C2H6O``)."""
-        return [ase.Atoms(numbers=z).get_chemical_formula(mode="hill") for z in self.numbers]
+        formulas: dict[bytes, str] = {}  # frames of one trajectory share their numbers: one formula each
+        for z in self.numbers:
+            if z.tobytes() not in formulas:
+                formulas[z.tobytes()] = ase.Atoms(numbers=z).get_chemical_formula(mode="hill")
+        return [formulas[z.tobytes()] for z in self.numbers]
 
 
 def _per_frame(values, default, shape: tuple, label: str, where: str) -> np.ndarray:
