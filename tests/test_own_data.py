@@ -249,3 +249,26 @@ def test_periodic_training_deploys_a_periodic_model(tmp_path):
         expected = eager(collate([atoms_to_graph(atoms, 4.0, torch.float64)]))[keys.ENERGY]
         assert energy == pytest.approx(float(expected.detach()), abs=1e-9)
     assert json.loads((run_dir / "metrics.json").read_text())["test"]
+
+
+def test_frames_of_weight_zero_do_not_train(tmp_path):
+    """With every frame's weight 0 the loss and its gradients are 0, so Adam leaves the weights as built."""
+    from mlpot.train.loop import Trainer
+
+    images = emt_bulk(8)
+    for atoms in images:
+        atoms.info["weight"] = 0.0
+    path = tmp_path / "zero.extxyz"
+    ase.io.write(path, images, format="extxyz")
+
+    trainer = Trainer(config_from_dict({
+        "data": {"dataset": str(path), "train_size": 5, "val_size": 2},
+        "model": {"kind": "schnet", "cutoff": 4.0, "dtype": "float64", "hparams": {"num_features": 8, "num_layers": 1}},
+        "train": {"epochs": 1, "batch_size": 2, "num_threads": 1, "device": "cpu", "ema_decay": None},
+        "run_dir": str(tmp_path / "run"),
+    }))
+    before = {k: v.clone() for k, v in trainer.potential.state_dict().items()}
+    sums, steps = trainer.train_epoch(0, progress=False)
+    assert steps == 3 and sums["loss"] == 0.0 and sums["f"] > 0  # errors are there, the loss ignores them
+    for name, value in trainer.potential.state_dict().items():
+        assert torch.equal(value, before[name]), name
