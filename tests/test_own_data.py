@@ -171,10 +171,16 @@ def test_many_molecules_split_at_random_without_warning():
 
 def test_unseen_composition_warning_names_them():
     frames = many_molecules(4)  # the file lists CH4, NH3, ..., repeated
-    order = np.argsort([c != "CH4" and c != "H3N" for c in frames.compositions()], kind="stable")
-    grouped = frames.subset(order)  # all CH4 and NH3 first
-    with pytest.warns(UserWarning, match=r"test set holds composition\(s\) the training set never saw: C2H6, CH4O, H2O"):
+    order = np.argsort([c in ("C2H6", "CH4O") for c in frames.compositions()], kind="stable")
+    grouped = frames.subset(order)  # all CH4, NH3 and H2O first: every element, but not every molecule
+    with pytest.warns(UserWarning, match=r"test set holds composition\(s\) the training set never saw: C2H6, CH4O;"):
         split_frames(grouped, 6, 2, seed=0, split="contiguous")
+
+
+def test_an_element_training_never_saw_is_an_error():
+    frames = many_molecules(3).subset([0, 5, 10, 1])  # CH4, CH4, CH4, NH3: the test block alone has N
+    with pytest.raises(ValueError, match=r"the test set holds element\(s\) N that no training frame has"):
+        split_frames(frames, 2, 1, seed=0, split="contiguous", test_size=1)
 
 
 def test_single_trajectory_keeps_contiguous_test_block():

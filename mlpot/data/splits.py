@@ -3,6 +3,7 @@
 import warnings
 from typing import List, Optional, Tuple, Union
 
+import ase.data
 import numpy as np
 import torch
 
@@ -57,7 +58,8 @@ def split_frames(
     at random from ``test``. Without one, ``split`` (see :func:`split_mode`) says how ``pool`` is cut:
     ``contiguous`` (a correlated trajectory) tests on the last ``test_size`` frames (all that train + val
     leave when None) and draws train and val at random from the block before them; ``random`` draws all
-    three at random. Warns (UserWarning) naming every composition in val or test that train lacks.
+    three at random. Warns (UserWarning) naming every composition in val or test that train lacks, and
+    raises ValueError for an element that train lacks.
     """
     mode = split_mode(pool, split)
     n_pool = len(pool)
@@ -85,7 +87,15 @@ def split_frames(
         raise ValueError(f"train_size + val_size = {n_fit} but only {len(fit_idx)} frames are available")
     train_idx, val_idx = split_indices(len(fit_idx), [n_train, n_val], seed)
     train, val = pool.subset(fit_idx[train_idx]), pool.subset(fit_idx[val_idx])
+    elements = {int(z) for zs in train.numbers for z in zs}
     for label, frames in (("validation", val), ("test", test)):
+        missing = sorted({int(z) for zs in frames.numbers for z in zs} - elements)
+        if missing:
+            symbols = ", ".join(ase.data.chemical_symbols[z] for z in missing)
+            raise ValueError(
+                f"the {label} set holds element(s) {symbols} that no training frame has, so the model cannot "
+                f"predict them; use a larger train_size or another seed"
+            )
         unseen = unseen_compositions(train, frames)
         if unseen:
             warnings.warn(
