@@ -174,3 +174,54 @@ def test_stress_of_a_slab_or_a_molecule_is_not_implemented(models):
     molecule.calc = MLPotCalculator(path, check_pbc=False)
     with pytest.raises(PropertyNotImplementedError, match="periodic in all three"):
         molecule.get_stress()
+
+
+def test_relax_cell_brings_the_stress_below_its_fmax_equivalent(models):
+    from mlpot.workflows.relax import relax
+
+    path, _ = models("schnet")
+    atoms = copper(seed=9)
+    atoms.set_cell(atoms.cell.array * 1.03, scale_atoms=True)  # strained: a large stress to start from
+    calc = MLPotCalculator(path)
+    start = np.abs(stress_of(path, atoms)).max()
+    fmax = 1e-3
+    result = relax(atoms, calc, fmax=fmax, optimizer="fire", max_steps=1000, cell=True)
+    assert result.converged
+    # FrechetCellFilter's cell "forces" are -V stress / N (per component), so |stress| <= fmax N / V
+    limit = fmax * len(atoms) / result.atoms.get_volume()
+    assert result.max_stress_eV_A3 <= limit < start
+    assert result.max_stress_eV_A3 == pytest.approx(np.abs(result.atoms.get_stress()).max(), rel=1e-12)
+    assert result.atoms.get_volume() != pytest.approx(atoms.get_volume(), rel=1e-4)
+
+
+def test_npt_changes_the_volume(models):
+    from mlpot.workflows.md import make_dynamics
+
+    path, _ = models("schnet")
+    atoms = copper(seed=10)
+    atoms.calc = MLPotCalculator(path)
+    volume = atoms.get_volume()
+    dyn = make_dynamics(atoms, "npt", 2.0, 300.0, pressure_bar=1e4)
+    dyn.run(5)
+    assert np.isfinite(atoms.positions).all()
+    assert abs(atoms.get_volume() / volume - 1.0) > 1e-6
+    np.testing.assert_allclose(atoms.cell.angles(), [90.0, 90.0, 90.0], atol=1e-8)  # isotropic
+
+
+@pytest.mark.parametrize("command", [["md", "--ensemble", "npt", "--time", "2fs"], ["relax", "--cell"]])
+def test_a_molecule_with_npt_or_a_cell_relaxation_is_a_one_line_error(models, tmp_path, capsys, command):
+    from mlpot.commands import main
+
+    from test_cli import one_error_line
+
+    path, _ = models("schnet")
+    molecule = copper(seed=11)[:4]
+    molecule.pbc = False
+    molecule.cell = None
+    structure = tmp_path / "cluster.xyz"
+    molecule.write(structure)
+    name, *options = command
+    assert main([name, str(path), str(structure), "--output", str(tmp_path / "out"), *options]) == 2
+    message = one_error_line(capsys, f"mlpot {name}")
+    assert "periodic in all three directions" in message
+    assert not (tmp_path / "out").exists()  # refused before anything was written
