@@ -225,3 +225,43 @@ def test_a_molecule_with_npt_or_a_cell_relaxation_is_a_one_line_error(models, tm
     message = one_error_line(capsys, f"mlpot {name}")
     assert "periodic in all three directions" in message
     assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+@pytest.fixture(scope="module")
+def aoti_models(models, tmp_path_factory):
+    """``aoti_models(kind)``: (AOTI path, TorchScript path) of the tiny periodic model, compiled once (slow)."""
+    folder, cache = tmp_path_factory.mktemp("stress-aoti"), {}
+
+    def get(kind):
+        if kind not in cache:
+            path, potential = models(kind)
+            export.save(potential, folder / f"{kind}.pt2", format="aoti", periodic=True)
+            cache[kind] = folder / f"{kind}.pt2", path
+        return cache[kind]
+
+    return get
+
+
+@pytest.mark.parametrize("kind", ["schnet", "egnn"])
+def test_aoti_stress_equals_eager(kind, aoti_models):
+    aoti_path, torchscript_path = aoti_models(kind)
+    assert export.read_metadata(aoti_path)["outputs"] == ["energy", "forces", "node_energy", "virial"]
+    atoms = copper(seed=12, triclinic=True)
+    expected = stress_of(torchscript_path, atoms)
+    np.testing.assert_allclose(stress_of(aoti_path, atoms), expected, rtol=0, atol=1e-10 * np.abs(expected).max())
+
+
+def test_aoti_file_without_a_virial_output_still_loads_and_refuses_stress(aoti_models):
+    from mlpot.export.aoti import load_aoti
+
+    aoti_path, torchscript_path = aoti_models("schnet")
+    meta = export.read_metadata(aoti_path)
+    del meta["outputs"]  # as files built before the virial output
+    atoms = copper(seed=13)
+    atoms.calc = MLPotCalculator(aoti_path)
+    atoms.calc.model = load_aoti(aoti_path, "cpu", None, meta)
+    reference = copper(seed=13)
+    reference.calc = MLPotCalculator(torchscript_path)
+    np.testing.assert_allclose(atoms.get_forces(), reference.get_forces(), rtol=0, atol=1e-10)
+    with pytest.raises(PropertyNotImplementedError, match="without a virial output"):
+        atoms.get_stress()
