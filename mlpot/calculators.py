@@ -1,11 +1,12 @@
-"""ASE calculators for deployed mlpot models (energies in eV, forces in eV/Å)."""
+"""ASE calculators for deployed mlpot models (energies in eV, forces in eV/Å, stress in eV/Å^3)."""
 
 import warnings
 from typing import List, Optional, Sequence
 
 import numpy as np
 import torch
-from ase.calculators.calculator import Calculator, all_changes
+from ase.calculators.calculator import Calculator, PropertyNotImplementedError, all_changes
+from ase.stress import full_3x3_to_voigt_6_stress
 
 from mlpot import export, keys
 from mlpot.data.graph import check_structure, local_positions, make_graph
@@ -33,7 +34,7 @@ class MLPotCalculator(Calculator):
             on first use (a minute) and cached; see :func:`mlpot.export.compiled_copy`. Default False.
     """
 
-    implemented_properties = ["energy", "free_energy", "energies", "forces"]
+    implemented_properties = ["energy", "free_energy", "energies", "forces", "stress"]
     allowed_kinds: Optional[Sequence[str]] = None
 
     def __init__(
@@ -176,13 +177,16 @@ class MLPotCalculator(Calculator):
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
         super().calculate(atoms, properties, system_changes)
         atoms = self.atoms
+        want_stress = "stress" in properties
+        if want_stress:
+            check_stress(atoms)
         if self._graph is None or {"numbers", "cell", "pbc"} & set(system_changes):
             self._check_input(atoms)  # elements, periodicity, shapes
         else:  # only positions moved: only they need checking
             check_structure(atoms.numbers, atoms.positions, None, 0.0)
         graph = self._graph_of(atoms, system_changes)
         self._check_distances(atoms, graph)
-        out = self.model(graph)
+        out = self._energy_forces_virial(graph) if want_stress else self.model(graph)
         energy = float(out[keys.ENERGY].detach().sum())
         self.results = {
             "energy": energy,
@@ -190,6 +194,18 @@ class MLPotCalculator(Calculator):
             "energies": out[keys.NODE_ENERGY].detach().cpu().double().numpy(),
             "forces": out[keys.FORCES].detach().cpu().double().numpy(),
         }
+        if want_stress:
+            virial = out[keys.VIRIAL].detach().cpu().double().numpy()[0]
+            self.results["stress"] = full_3x3_to_voigt_6_stress(-virial / atoms.get_volume())
+
+    def _energy_forces_virial(self, graph):
+        """The model's outputs with the virial (1, 3, 3) in eV."""
+        method = getattr(self.model, "energy_and_forces", None)
+        if method is None:
+            raise PropertyNotImplementedError(
+                f"this deployed file has no virial output (stress); deploy the model again in TorchScript format"
+            )
+        return method(graph, True, False, True)
 
     def get_hessian(self, atoms=None) -> np.ndarray:
         """(3N, 3N) Hessian d2E/dR2 in eV/Å^2 by double backward (use float64 for accuracy)."""
@@ -198,6 +214,15 @@ class MLPotCalculator(Calculator):
         graph = self._graph_of(atoms, all_changes)
         self._check_distances(atoms, graph)
         return self.model.hessian(graph).detach().cpu().double().numpy()
+
+
+def check_stress(atoms) -> None:
+    """Raise ASE's PropertyNotImplementedError unless ``atoms`` is periodic in all three directions
+    (the stress of a slab or a molecule is not defined by its volume)."""
+    if not atoms.pbc.all():
+        raise PropertyNotImplementedError(
+            f"stress needs a cell periodic in all three directions, got pbc={atoms.pbc.tolist()}"
+        )
 
 
 class EGNNCalculator(MLPotCalculator):
@@ -215,16 +240,19 @@ class GNNCalculator(MLPotCalculator):
 class CommitteeCalculator(Calculator):
     """Mean and spread of a committee of deployed models (e.g. the same recipe trained with different seeds).
 
-    ``results`` hold the committee means (``energy``, ``free_energy``, ``energies``, ``forces``) and
-    the standard deviations across members (``energy_std`` in eV, ``forces_std`` (N, 3) in eV/Å),
-    a cheap uncertainty estimate for active learning and MD monitoring.
+    ``results`` hold the committee means (``energy``, ``free_energy``, ``energies``, ``forces``, and
+    ``stress`` when asked for) and the standard deviations across members (``energy_std`` in eV,
+    ``forces_std`` (N, 3) in eV/Å, ``stress_std`` (6,) in eV/Å^3 with the stress), a cheap
+    uncertainty estimate for active learning and MD monitoring.
 
     Args:
         models: paths of two or more deployed files for the same elements.
         **kwargs: passed to every member's :class:`MLPotCalculator` (device, dtype, skin, ...).
     """
 
-    implemented_properties = ["energy", "free_energy", "energies", "forces", "energy_std", "forces_std"]
+    implemented_properties = [
+        "energy", "free_energy", "energies", "forces", "stress", "energy_std", "forces_std", "stress_std"
+    ]
 
     def __init__(self, models: Sequence, **kwargs):
         super().__init__()
@@ -238,9 +266,11 @@ class CommitteeCalculator(Calculator):
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
         super().calculate(atoms, properties, system_changes)
+        want_stress = "stress" in properties or "stress_std" in properties
+        wanted = ["energy", "forces"] + (["stress"] if want_stress else [])
         results = []
         for member in self.members:
-            member.calculate(self.atoms, ["energy", "forces"], system_changes)
+            member.calculate(self.atoms, wanted, system_changes)
             results.append(member.results)
         energy = np.array([r["energy"] for r in results])
         forces = np.stack([r["forces"] for r in results])
@@ -252,6 +282,10 @@ class CommitteeCalculator(Calculator):
             "energy_std": float(energy.std()),
             "forces_std": forces.std(axis=0),
         }
+        if want_stress:
+            stress = np.stack([r["stress"] for r in results])
+            self.results["stress"] = stress.mean(axis=0)
+            self.results["stress_std"] = stress.std(axis=0)
 
 
 def load_calculator(model, dtype: Optional[str] = "float64", device: str = "cpu") -> Calculator:

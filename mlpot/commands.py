@@ -209,6 +209,8 @@ def _md_parser(sub) -> Parser:
     p.add_argument("--timestep", default="0.5fs", help="time step, e.g. 0.5fs")
     p.add_argument("--ensemble", choices=md.ENSEMBLES, default="langevin", help="integrator and thermostat")
     p.add_argument("--friction", type=float, default=0.01, help="Langevin friction, 1/fs")
+    p.add_argument("--pressure", type=float, default=1.0, metavar="BAR",
+                   help="pressure of --ensemble npt (ASE's isotropic MTK barostat), bar")
     p.add_argument("--dtype", choices=DTYPE_NAMES, default=None, help="model precision (default: the file's own)")
     p.add_argument("--format", choices=["traj", "extxyz"], default="traj", help="trajectory file format")
     p.add_argument("--reference-data", default=None,
@@ -235,6 +237,7 @@ def run_md(args) -> md.MDReport:
         args.timestep, args.ensemble, output_dir=args.output, dtype=args.dtype, device=args.device,
         data_dir=args.data_dir, reference_data=args.reference_data, traj_format=args.format,
         friction_per_fs=args.friction, seed=args.seed, harmonic=not args.no_harmonic, progress=not args.quiet,
+        pressure_bar=args.pressure,
     )
     print(md.format_md(report))
     return report
@@ -246,12 +249,14 @@ def _relax_parser(sub) -> Parser:
     p.add_argument("--fmax", type=float, default=0.01, help="force criterion, eV/Å")
     p.add_argument("--optimizer", choices=sorted(relax.OPTIMIZERS), default="bfgs", help="ASE optimizer")
     p.add_argument("--steps", type=int, default=2000, help="maximum optimizer steps")
+    p.add_argument("--cell", action="store_true",
+                   help="relax the cell as well (ase.filters.FrechetCellFilter; periodic structures only)")
     return p
 
 
 def run_relax(args) -> relax.RelaxResult:
     result = relax.relax_structure(args.model, args.structure, args.fmax, args.optimizer, args.output,
-                                   args.data_dir, args.device, args.steps)
+                                   args.data_dir, args.device, args.steps, cell=args.cell)
     print(relax.format_relax(result))
     return result
 

@@ -28,7 +28,7 @@ TORCH_ONLY_SCRIPT = textwrap.dedent(
     runner = torch._inductor.aoti_load_package(model_path)
     graph = torch.load(graph_path)
     names = ("pos", "atomic_numbers", "edge_index", "shift", "batch", "num_atoms", "pair_edge", "edge_pair")
-    energy, forces, node_energy = runner(*(graph[k] for k in names))
+    energy, forces, *_ = runner(*(graph[k] for k in names))  # then node energy and (new files) the virial
     torch.save({"energy": energy, "forces": forces}, out_path)
     """
 )

@@ -4,6 +4,8 @@ AOTInductor builds of TorchScript files (:func:`compiled_copy`).
 The energy-and-forces function is traced (forces included, by tracing the backward pass), exported
 with ``torch.export`` and compiled ahead of time by AOTInductor into native code, with ``mlpot.json``
 in the package. Faster on a CPU; fixed dtype and device; no Hessian (use the TorchScript file for that).
+Files built now also output the virial (B, 3, 3) eV, and say so in their metadata (``"outputs"``);
+files built before, without that key, have the first three outputs only and still load.
 """
 
 import hashlib
@@ -25,25 +27,31 @@ from mlpot.export.torchscript import frozen_copy, potential_from_deployed
 from mlpot.files import atomic_path
 
 # inputs of the AOTInductor function, in order; its outputs are energy (B,), forces (N, 3), node energy (N,)
+# and, in files whose metadata lists it under "outputs", the virial (B, 3, 3)
 AOTI_INPUTS = (
     keys.POSITIONS, keys.ATOMIC_NUMBERS, keys.EDGE_INDEX, keys.SHIFT, keys.BATCH, keys.NUM_ATOMS, keys.PAIR_EDGE, keys.EDGE_PAIR,
 )
+AOTI_OUTPUTS = (keys.ENERGY, keys.FORCES, keys.NODE_ENERGY, keys.VIRIAL)
+_OUTPUTS_BEFORE_VIRIAL = AOTI_OUTPUTS[:3]  # files without an "outputs" entry in their metadata
 
 
 class EnergyAndForces(torch.nn.Module):
     """The function AOTInductor compiles, and compiled training traces: the tensors of ``AOTI_INPUTS`` in,
-    (energy, forces, node energy) out, by ``Potential.energy_and_forces``. ``create_graph=True`` keeps
-    the forces' autograd graph (for a force loss)."""
+    (energy, forces, node energy) out, by ``Potential.energy_and_forces``, with ``virial`` the virial
+    (B, 3, 3) eV as a fourth output. ``create_graph=True`` keeps the forces' autograd graph (for a force loss)."""
 
-    def __init__(self, potential, create_graph: bool = False):
+    def __init__(self, potential, create_graph: bool = False, virial: bool = False):
         super().__init__()
         self.potential = potential
         self.create_graph = create_graph
+        self.virial = virial
 
     def forward(self, pos, atomic_numbers, edge_index, shift, batch, num_atoms, pair_edge, edge_pair):
         graph = dict(zip(AOTI_INPUTS, (pos, atomic_numbers, edge_index, shift, batch, num_atoms, pair_edge, edge_pair)))
         # the species check is data-dependent control flow, which tracing cannot keep: callers check
-        out = self.potential.energy_and_forces(graph, create_graph=self.create_graph, check_species=False)
+        out = self.potential.energy_and_forces(graph, self.virial, self.create_graph, False)
+        if self.virial:
+            return out[keys.ENERGY], out[keys.FORCES], out[keys.NODE_ENERGY], out[keys.VIRIAL]
         return out[keys.ENERGY], out[keys.FORCES], out[keys.NODE_ENERGY]
 
 
@@ -76,13 +84,16 @@ def _verify(potential, path) -> None:
     a compiler that specialised a shape or miscompiled a kernel must not ship silent wrong numbers."""
     runner = torch._inductor.aoti_load_package(str(path))
     graph = example_graph(potential, sizes=(9, 4, 6), seed=1)
-    expected = {key: value.detach() for key, value in potential(dict(graph)).items()}
+    expected = {key: value.detach() for key, value in potential.energy_and_forces(dict(graph), True).items()}
     try:
-        energy, forces, _ = runner(*(graph[k] for k in AOTI_INPUTS))
+        energy, forces, _, virial = runner(*(graph[k] for k in AOTI_INPUTS))
     except RuntimeError as err:
         raise RuntimeError(f"the AOTInductor build of this {potential.kind} model fails on new structures ({err})") from None
     rtol = 1e-8 if expected[keys.FORCES].dtype == torch.float64 else 1e-3
     problem = output_disagreement(energy, forces, expected[keys.ENERGY], expected[keys.FORCES], rtol)
+    virial_error = float((virial - expected[keys.VIRIAL]).abs().max())
+    if not problem and virial_error > rtol * (float(expected[keys.VIRIAL].abs().max()) + 1e-12):
+        problem = f"virials by {virial_error:.2e} eV"
     if problem:
         raise RuntimeError(
             f"the AOTInductor build of this {potential.kind} model disagrees with the model itself on new "
@@ -102,7 +113,7 @@ def _compile(potential, path) -> None:
     from torch.export import Dim
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    function = EnergyAndForces(frozen_copy(potential))
+    function = EnergyAndForces(frozen_copy(potential), virial=True)
     for param in function.parameters():
         param.requires_grad_(False)
     graph = example_graph(potential)  # a small batch (5 atoms, 2 structures) to trace with
@@ -125,6 +136,7 @@ def save_aoti(potential, path, meta: dict) -> None:
             f"the aoti format compiles {' and '.join(AOTI_KINDS)} models; a {potential.kind} model's message passing "
             f"(PyG's GCN normalisation) has data-dependent shapes that torch.export cannot compile: use torchscript"
         )
+    meta["outputs"] = list(AOTI_OUTPUTS)  # in place: save() returns the metadata written
     with atomic_path(path, suffix=".tmp.pt2") as tmp:  # AOTInductor insists on a .pt2 name
         _compile(potential, tmp)
         with zipfile.ZipFile(tmp, "a") as archive:
@@ -133,15 +145,37 @@ def save_aoti(potential, path, meta: dict) -> None:
 
 class AOTIModel:
     """A loaded AOTInductor package with the calling convention of the TorchScript model:
-    ``model(graph) -> {energy, forces, node_energy}``."""
+    ``model(graph) -> {energy, forces, node_energy}``, and ``model.energy_and_forces(graph, True, ...)``
+    adding the virial when the file has that output (``outputs``, from its metadata)."""
 
-    def __init__(self, runner, dtype: torch.dtype, device: str, path):
+    def __init__(self, runner, dtype: torch.dtype, device: str, path, outputs=_OUTPUTS_BEFORE_VIRIAL):
         self.runner = runner
         self.dtype = dtype
         self.device = device
         self.path = str(path)
+        self.outputs = tuple(outputs)
 
     def __call__(self, graph):
+        out = self._run(graph)
+        out.pop(keys.VIRIAL, None)  # computed alongside anyway; the plain call returns what TorchScript's does
+        return out
+
+    def energy_and_forces(self, graph, virial: bool = False, create_graph: bool = False, check_species: bool = True):
+        """Energies, forces and (with ``virial``) the virial (B, 3, 3) eV; the flags after ``virial``
+        exist for the TorchScript signature (a compiled file keeps no autograd graph and checks no species)."""
+        if virial and keys.VIRIAL not in self.outputs:
+            from ase.calculators.calculator import PropertyNotImplementedError
+
+            raise PropertyNotImplementedError(
+                f"{self.path} was compiled without a virial output (stress); deploy it again with this mlpot "
+                f"(mlpot deploy MODEL.pt -o MODEL.pt2 --format aoti) or use the TorchScript file"
+            )
+        out = self._run(graph)
+        if not virial:
+            out.pop(keys.VIRIAL, None)
+        return out
+
+    def _run(self, graph):
         if keys.PAIR_EDGE not in graph:  # graphs from make_graph and collate have them; others get them here
             pair_edge, edge_pair = edge_pairs(graph[keys.EDGE_INDEX].cpu().numpy(), graph[keys.SHIFT].detach().cpu().numpy())
             graph = {**graph, keys.PAIR_EDGE: torch.from_numpy(pair_edge), keys.EDGE_PAIR: torch.from_numpy(edge_pair)}
@@ -149,8 +183,8 @@ class AOTIModel:
         if pos.dtype != self.dtype:
             raise ValueError(f"{self.path} is compiled for {self.dtype}; got positions in {pos.dtype}")
         # compiled code reads raw memory: it needs dense tensors (a strided view would be misread)
-        energy, forces, node_energy = self.runner(*(graph[k].contiguous() for k in AOTI_INPUTS))
-        return {keys.ENERGY: energy, keys.FORCES: forces, keys.NODE_ENERGY: node_energy}
+        results = self.runner(*(graph[k].contiguous() for k in AOTI_INPUTS))
+        return dict(zip(self.outputs, results))
 
     def hessian(self, graph):
         raise NotImplementedError(
@@ -176,7 +210,7 @@ def load_aoti(path, device: str, dtype: Optional[torch.dtype], meta: dict) -> AO
         runner = torch._inductor.aoti_load_package(str(path))
     except Exception as err:  # torch raises several types for damaged or foreign packages
         raise ValueError(f"{path} could not be loaded as an AOTInductor package: {err}") from None
-    return AOTIModel(runner, file_dtype, device, path)
+    return AOTIModel(runner, file_dtype, device, path, meta.get("outputs", _OUTPUTS_BEFORE_VIRIAL))
 
 
 def compiled_copy(path, dtype: Optional[torch.dtype] = None, cache_dir=None) -> Path:
@@ -191,7 +225,8 @@ def compiled_copy(path, dtype: Optional[torch.dtype] = None, cache_dir=None) -> 
         return path
     dtype_name = meta["dtype"] if dtype is None else name_of(dtype)
     digest = hashlib.sha256(path.read_bytes())
-    digest.update(f"{dtype_name} {torch.__version__} {platform.machine()} {platform.processor()}".encode())
+    # "virial": builds cached before the virial output are not reused
+    digest.update(f"{dtype_name} {torch.__version__} {platform.machine()} {platform.processor()} virial".encode())
     target = default_cache_dir(cache_dir) / "aoti" / f"{path.stem}-{dtype_name}-{digest.hexdigest()[:16]}.pt2"
     if not target.is_file():
         potential = potential_from_deployed(path).to(dtype_of(dtype_name))

@@ -13,7 +13,7 @@ import numpy as np
 from ase import Atoms, units
 from ase.io.trajectory import Trajectory
 from ase.md.langevin import Langevin
-from ase.md.nose_hoover_chain import NoseHooverChainNVT
+from ase.md.nose_hoover_chain import IsotropicMTKNPT, NoseHooverChainNVT
 from ase.md.velocitydistribution import Stationary, ZeroRotation, thermalize_momenta
 from ase.md.verlet import VelocityVerlet
 from tqdm.auto import tqdm
@@ -24,7 +24,7 @@ from mlpot.data.registry import MOLECULES
 from mlpot.dtypes import name_of
 from mlpot.workflows import analysis
 
-ENSEMBLES = ("nve", "langevin", "nose-hoover")
+ENSEMBLES = ("nve", "langevin", "nose-hoover", "npt")
 _TIME_UNITS_FS = {"fs": 1.0, "ps": 1000.0, "ns": 1e6}
 
 
@@ -72,8 +72,21 @@ class MDRun:
     forces_std_max: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
 
-def make_dynamics(atoms, ensemble, timestep_fs, temperature_K, friction_per_fs=0.01, tdamp_fs=None, seed=0, **kwargs):
-    """An ASE integrator: "nve" (velocity Verlet), "langevin" or "nose-hoover" (chain, tdamp 100 steps)."""
+def check_ensemble(atoms, ensemble) -> None:
+    """ValueError (one line) when ``ensemble`` needs a cell that ``atoms`` does not have."""
+    if ensemble == "npt" and not atoms.pbc.all():
+        raise ValueError(
+            f"--ensemble npt needs a structure periodic in all three directions (pbc={atoms.pbc.tolist()}); "
+            f"use nve, langevin or nose-hoover for a molecule or slab"
+        )
+
+
+def make_dynamics(atoms, ensemble, timestep_fs, temperature_K, friction_per_fs=0.01, tdamp_fs=None, seed=0,
+                  pressure_bar=1.0, **kwargs):
+    """An ASE integrator: "nve" (velocity Verlet), "langevin", "nose-hoover" (chain, tdamp 100 steps) or
+    "npt" (ASE's isotropic MTK barostat with Nose-Hoover chains, tdamp 100 and pdamp 1000 steps, at
+    ``pressure_bar``; needs a 3D cell and a calculator with stress)."""
+    check_ensemble(atoms, ensemble)
     dt = timestep_fs * units.fs
     if ensemble == "nve":
         return VelocityVerlet(atoms, timestep=dt, **kwargs)
@@ -83,6 +96,10 @@ def make_dynamics(atoms, ensemble, timestep_fs, temperature_K, friction_per_fs=0
     if ensemble == "nose-hoover":
         tdamp = (tdamp_fs or 100 * timestep_fs) * units.fs
         return NoseHooverChainNVT(atoms, timestep=dt, temperature_K=temperature_K, tdamp=tdamp, **kwargs)
+    if ensemble == "npt":
+        tdamp = (tdamp_fs or 100 * timestep_fs) * units.fs
+        return IsotropicMTKNPT(atoms, timestep=dt, temperature_K=temperature_K, pressure_au=pressure_bar * units.bar,
+                               tdamp=tdamp, pdamp=1000 * timestep_fs * units.fs, **kwargs)
     raise ValueError(f"unknown ensemble {ensemble!r}; choose one of {', '.join(ENSEMBLES)}")
 
 
@@ -119,6 +136,7 @@ def run_md(
     friction_per_fs: float = 0.01,
     seed: int = 0,
     progress: bool = True,
+    pressure_bar: float = 1.0,
 ) -> MDRun:
     """Runs MD from a copy of ``atoms`` with velocities drawn at ``temperature_K``; stops when it collapses.
 
@@ -131,7 +149,7 @@ def run_md(
         temperature_K: initial (and thermostat) temperature, K.
         time_fs: simulated time, fs.
         timestep_fs: integration step, fs.
-        ensemble: "nve", "langevin" or "nose-hoover".
+        ensemble: "nve", "langevin", "nose-hoover" or "npt" (periodic structures only).
         bonds, bond_reference: the watched bonds and their reference lengths; default: the starting ones.
         threshold: collapse threshold, Å.
         trajectory: .traj or .xyz/.extxyz path written every ``traj_interval`` steps.
@@ -140,7 +158,9 @@ def run_md(
         friction_per_fs: Langevin friction, 1/fs.
         seed: seed of the initial velocities and the Langevin noise.
         progress: show a tqdm progress bar.
+        pressure_bar: the barostat's pressure for "npt", bar.
     """
+    check_ensemble(atoms, ensemble)
     atoms = atoms.copy()
     atoms.calc = calc
     if bonds is None:
@@ -154,7 +174,7 @@ def run_md(
     steps = max(1, int(round(time_fs / timestep_fs)))
     sample_interval = sample_interval or max(1, int(round(1.0 / timestep_fs)))
     dyn = make_dynamics(atoms, ensemble, timestep_fs, temperature_K, friction_per_fs, seed=seed + 1,
-                        logfile=str(logfile) if logfile else None, loginterval=log_interval)
+                        pressure_bar=pressure_bar, logfile=str(logfile) if logfile else None, loginterval=log_interval)
     close = lambda: None  # noqa: E731
     if trajectory:
         write, close = _trajectory_writer(atoms, trajectory)
@@ -284,6 +304,7 @@ def simulate(
     seed: int = 0,
     harmonic: bool = True,
     progress: bool = True,
+    pressure_bar: float = 1.0,
 ) -> MDReport:
     """``mlpot md``: MD of a molecule from its reference geometry, compared with its reference ensemble.
 
@@ -295,7 +316,7 @@ def simulate(
         molecule: "ethanol", "toluene", "aspirin", a dataset name or a structure file ASE reads.
         temperature_K: temperature, K.
         time, timestep: durations such as "10ps", "0.5fs" or numbers of fs.
-        ensemble: "nve", "langevin" or "nose-hoover".
+        ensemble: "nve", "langevin", "nose-hoover" or "npt" (periodic structures only, at ``pressure_bar``).
         dtype: model precision ("float32"/"float64"); default the file's own.
         data_dir: folder of the reference data (default $MLPOT_DATA_DIR).
         reference_data: dataset name or file of the reference ensemble (default: the molecule's).
@@ -308,6 +329,7 @@ def simulate(
     """
     label = _molecule_label(molecule)
     atoms = analysis.load_structure(molecule, data_dir)
+    check_ensemble(atoms, ensemble)
     named = molecule in MOLECULES or molecule in known_datasets()
     reference_spec = reference_data or (molecule if named else None)
     reference = analysis.load_ensemble(reference_spec, data_dir) if reference_spec else None
@@ -322,7 +344,7 @@ def simulate(
     traj_path = out / ("md.traj" if traj_format == "traj" else "md.xyz")
     run = run_md(atoms, calc, temperature_K, parse_time(time), parse_time(timestep), ensemble, bonds, lengths,
                  trajectory=traj_path, logfile=out / "md.log", friction_per_fs=friction_per_fs, seed=seed,
-                 progress=progress)
+                 progress=progress, pressure_bar=pressure_bar)
     report = _report(run, label, ensemble, temperature_K, parse_time(time), name_of(calc.dtype))
     report.reference = reference.name if reference else None
     report.files = {"trajectory": str(traj_path), "log": str(out / "md.log")}

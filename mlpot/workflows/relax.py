@@ -8,6 +8,7 @@ from pathlib import Path
 import ase.io
 import numpy as np
 from ase import Atoms
+from ase.filters import FrechetCellFilter
 from ase.optimize import BFGS, FIRE, LBFGS
 
 from mlpot.calculators import load_calculator
@@ -26,9 +27,10 @@ class RelaxResult:
         energy_eV: final potential energy, eV.
         max_force_eV_A: largest atomic force norm, eV/Å.
         steps: optimizer steps taken.
-        converged: whether ``max_force_eV_A <= fmax``.
+        converged: whether ``max_force_eV_A <= fmax`` (and, relaxing the cell, the stress criterion).
         bonds: (i, j, "C-O", length in Å) for every bonded pair.
         output: file the structure was written to, if any.
+        max_stress_eV_A3: largest stress component, eV/Å^3 (None unless the cell was relaxed).
     """
 
     atoms: Atoms
@@ -38,6 +40,7 @@ class RelaxResult:
     converged: bool
     bonds: list = field(default_factory=list)
     output: str | None = None
+    max_stress_eV_A3: float | None = None
 
 
 def max_force(atoms: Atoms) -> float:
@@ -53,6 +56,15 @@ def bond_table(atoms: Atoms) -> list:
     return [(int(i), int(j), f"{symbols[i]}-{symbols[j]}", float(d)) for (i, j), d in zip(bonds, lengths)]
 
 
+def check_cell_relaxation(atoms: Atoms) -> None:
+    """ValueError (one line) unless ``atoms`` has a cell to relax (periodic in all three directions)."""
+    if not atoms.pbc.all():
+        raise ValueError(
+            f"relaxing the cell needs a structure periodic in all three directions (pbc={atoms.pbc.tolist()}); "
+            f"drop --cell for a molecule or slab"
+        )
+
+
 def relax(
     atoms: Atoms,
     calc,
@@ -61,6 +73,7 @@ def relax(
     max_steps: int = 2000,
     logfile=None,
     trajectory=None,
+    cell: bool = False,
 ) -> RelaxResult:
     """Relaxes a copy of ``atoms`` to a local minimum.
 
@@ -72,12 +85,17 @@ def relax(
         max_steps: optimizer step limit.
         logfile: optimizer log (path, "-" for stdout, None for none).
         trajectory: optional .traj path of the optimisation.
+        cell: relax the cell with the positions (``ase.filters.FrechetCellFilter``: its cell "forces"
+            are -V stress / N, so convergence means |stress| <= fmax N / V as well); needs a 3D cell.
     """
     if optimizer.lower() not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {sorted(OPTIMIZERS)}")
+    if cell:
+        check_cell_relaxation(atoms)
     atoms = atoms.copy()
     atoms.calc = calc
-    opt = OPTIMIZERS[optimizer.lower()](atoms, logfile=logfile, trajectory=trajectory)
+    target = FrechetCellFilter(atoms) if cell else atoms
+    opt = OPTIMIZERS[optimizer.lower()](target, logfile=logfile, trajectory=trajectory)
     converged = bool(opt.run(fmax=fmax, steps=max_steps))
     return RelaxResult(
         atoms=atoms,
@@ -86,6 +104,7 @@ def relax(
         steps=int(opt.nsteps),
         converged=converged,
         bonds=bond_table(atoms),
+        max_stress_eV_A3=float(np.abs(atoms.get_stress()).max()) if cell else None,
     )
 
 
@@ -100,7 +119,7 @@ def write_structure(result: RelaxResult, path) -> str:
 
 def relax_structure(
     model, structure: str, fmax: float = 0.01, optimizer: str = "bfgs", output_dir=None, data_dir=None,
-    device: str = "cpu", max_steps: int = 2000,
+    device: str = "cpu", max_steps: int = 2000, cell: bool = False,
 ) -> RelaxResult:
     """``mlpot relax``: relaxes a structure with a model in float64 and writes ``relaxed.xyz`` and ``relax.log``.
 
@@ -111,13 +130,16 @@ def relax_structure(
         optimizer: "bfgs", "lbfgs" or "fire".
         output_dir: output folder (default ``mlpot-relax-<structure>``).
         data_dir: folder of the reference data (default $MLPOT_DATA_DIR).
+        cell: relax the cell too (periodic structures only).
     """
     label = structure if structure in MOLECULES else Path(structure).stem
     out = Path(output_dir or f"mlpot-relax-{label}")
-    out.mkdir(parents=True, exist_ok=True)
     atoms = load_structure(structure, data_dir)
+    if cell:  # before anything is written
+        check_cell_relaxation(atoms)
+    out.mkdir(parents=True, exist_ok=True)
     result = relax(atoms, load_calculator(model, "float64", device), fmax, optimizer, max_steps,
-                   logfile=str(out / "relax.log"))
+                   logfile=str(out / "relax.log"), cell=cell)
     write_structure(result, out / "relaxed.xyz")
     return result
 
@@ -129,8 +151,11 @@ def format_relax(result: RelaxResult) -> str:
         f"relaxation {status} in {result.steps} steps",
         f"final energy      {result.energy_eV:.6f} eV",
         f"max force         {result.max_force_eV_A:.2e} eV/Å",
-        "bond lengths:",
     ]
+    if result.max_stress_eV_A3 is not None:
+        volume = result.atoms.get_volume()
+        lines.append(f"max stress        {result.max_stress_eV_A3:.2e} eV/Å^3 (volume {volume:.3f} Å^3)")
+    lines.append("bond lengths:")
     lines += [f"  {label:5s} {i:3d}-{j:<3d} {length:.4f} Å" for i, j, label, length in result.bonds]
     if result.output:
         lines.append(f"wrote {result.output}")
