@@ -13,13 +13,16 @@ from mlpot.train.compiled import CompiledTraining
 HPARAMS = {"num_features": 4, "num_layers": 3, "radial_hidden": 8, "avg_num_neighbors": 8.0, "parity": True}
 
 
-def potential(lmax=3, dtype=torch.float64):
+def potential(lmax=3, dtype=torch.float64, parity=True):
     torch.manual_seed(0)
-    return build_potential("egnn", [1, 6, 8], 5.0, dtype=dtype, lmax=lmax, **HPARAMS)
+    return build_potential("egnn", [1, 6, 8], 5.0, dtype=dtype, lmax=lmax, **{**HPARAMS, "parity": parity})
 
 
-def test_torchscript_both_parities_lmax3_equals_eager():
-    model = potential().eval()
+@pytest.mark.parametrize("parity", [False, True])
+@pytest.mark.parametrize("lmax", [0, 1, 2, 3])
+def test_torchscript_equals_eager(lmax, parity):
+    """Every lmax and parity compiles (lmax 0 has no gated irreps: empty tables) and gives the eager numbers."""
+    model = potential(lmax, parity=parity).eval()
     assert model.model.backend == "dense"
     graph = example_graph(model, sizes=(7, 5), seed=1)
     scripted = compile_potential(model)

@@ -52,6 +52,16 @@ class DenseInteraction(nn.Module):
         layer: an :class:`~mlpot.models.egnn.Interaction` or another backend of one; its modules are shared.
     """
 
+    # declared for TorchScript, which cannot infer the element type of an empty list (lmax 0 has no gates)
+    groups: List[int]
+    mix_plan: List[int]
+    radial_scales: List[float]
+    scalar_acts: List[int]
+    scalar_csts: List[float]
+    scalar_starts: List[int]
+    scalar_dims: List[int]
+    gated_outputs: List[int]
+
     def __init__(self, layer: nn.Module):
         super().__init__()
         share_parts(self, layer)
