@@ -118,7 +118,33 @@ def _eval_parser(sub) -> Parser:
     p.add_argument("--limit", type=int, help="evaluate only the first N frames (default: all)")
     p.add_argument("--dtype", choices=DTYPE_NAMES, help="run the model in this precision (default: the file's own)")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    p.add_argument("--energy-key", default="energy", help="name of the energy label in an ASE file (MACE-style: REF_energy)")
+    p.add_argument("--forces-key", default="forces", help="name of the forces label in an ASE file")
+    p.add_argument("--stress-key", default="stress", help="name of the stress label in an ASE file")
+    p.add_argument("--predict", metavar="OUT.extxyz",
+                   help="write predictions (energy, forces, per-atom energies, stress of periodic cells; "
+                        "committee spreads) for every structure, labelled or not, to this extended XYZ file")
+    p.add_argument("--committee", nargs="+", metavar="MODEL", default=[],
+                   help="with --predict: more deployed models; write the committee mean and spread")
+    p.add_argument("--batch-size", type=int, default=32, help="structures per batch with --predict")
     return p
+
+
+def run_predict(args) -> list:
+    from mlpot.workflows import predict
+
+    if args.batch_size < 1:
+        raise UsageError("--batch-size must be at least 1")
+    predict.check_output(args.predict)
+    structures = predict.read_structures(args.data, split=args.split, index=args.index)
+    if args.limit:
+        structures = structures[: args.limit]
+    dtype = dtype_of(args.dtype) if args.dtype else None
+    results = predict.predict_structures([args.model, *args.committee], structures, dtype=dtype,
+                                         batch_size=args.batch_size, progress=not args.json)
+    predict.write_predictions(args.predict, results)
+    print(f"wrote predictions for {len(results)} structure(s) to {args.predict}")
+    return results
 
 
 def run_eval(args) -> dict:
@@ -127,12 +153,22 @@ def run_eval(args) -> dict:
     from mlpot.data.splits import frames_to_graphs
     from mlpot.train.metrics import error_metrics, format_metrics, predict
 
+    if args.split is None and not Path(args.data).is_file() and args.data not in datasets.SINGLE_FILE_DATASETS:
+        args.split = "test"
+    if args.predict:
+        return run_predict(args)
+    if args.committee:
+        raise UsageError("--committee needs --predict (errors are reported one model at a time)")
     dtype = dtype_of(args.dtype) if args.dtype else None
     model, meta = export.load(args.model, dtype=dtype)
-    split = args.split
-    if split is None and not Path(args.data).is_file() and args.data not in datasets.SINGLE_FILE_DATASETS:
-        split = "test"
-    frames = datasets.load_dataset(args.data, split=split, index=args.index)
+    try:
+        frames = datasets.load_dataset(args.data, split=args.split, index=args.index, energy_key=args.energy_key,
+                                       forces_key=args.forces_key, stress_key=args.stress_key)
+    except datasets.MissingLabelError as error:
+        raise ValueError(
+            f"{error.what}: name the label with --energy-key/--forces-key, or write predictions for "
+            f"structures without labels with --predict OUT.extxyz"
+        ) from None
     if args.limit:
         frames = frames.subset(range(min(args.limit, len(frames))))
     unknown = sorted({int(z) for zs in frames.numbers for z in zs} - set(meta["species"]))

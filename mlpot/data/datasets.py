@@ -271,6 +271,15 @@ def data_format(path: str | os.PathLike) -> str:
 WEIGHT_KEYS = ("weight", "config_weight")  # per-frame info keys read as loss weights
 
 
+class MissingLabelError(ValueError):
+    """A frame lacks a label (energy or forces) under the key asked for; ``what`` says which, without
+    the advice on how to name another key (the command line words that its own way)."""
+
+    def __init__(self, message: str, what: str):
+        super().__init__(message)
+        self.what = what
+
+
 def read_frames(
     path: str | os.PathLike,
     name: str | None = None,
@@ -445,9 +454,10 @@ def _read_with_ase(path: Path, name: str, energy_key: str = "energy", forces_key
     for i, atoms in enumerate(images):
         for key, setting in ((energy_key, "energy_key"), (forces_key, "forces_key")):
             if _label(atoms, key) is None:
-                raise ValueError(
+                raise MissingLabelError(
                     f"{path}: frame {i} has no {key!r}; it has {_keys_of(atoms)}; "
-                    f"name the right one with data.{setting} (read_frames(..., {setting}=...))"
+                    f"name the right one with data.{setting} (read_frames(..., {setting}=...))",
+                    f"{path}: frame {i} has no {key!r}; it has {_keys_of(atoms)}",
                 )
         energy = np.asarray(_label(atoms, energy_key), dtype=np.float64)
         if energy.size != 1:

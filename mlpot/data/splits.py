@@ -76,7 +76,11 @@ def split_frames(
     else:
         n_test = resolve_size(test_size, n_pool, "test_size") if test_size is not None else n_pool - n_fit
         if n_test < 1:
-            raise ValueError(f"{n_pool} frames leave none for testing after {n_fit} for train+val")
+            raise ValueError(
+                f"the data has {n_pool} frames but train_size ({train_size}) + val_size ({val_size}) take {n_fit} "
+                f"and leave none for testing; set data.train_size and data.val_size to smaller counts or to "
+                f"fractions (e.g. 0.8 and 0.1)"
+            )
         if mode == "contiguous":
             fit_idx, test_idx = block_split(n_pool, [n_pool - n_test, n_test])
         else:
@@ -84,7 +88,10 @@ def split_frames(
             test_idx, fit_idx = split_indices(n_pool, [n_test, n_pool - n_test], seed + 1)
         test = pool.subset(test_idx)
     if n_fit > len(fit_idx):
-        raise ValueError(f"train_size + val_size = {n_fit} but only {len(fit_idx)} frames are available")
+        raise ValueError(
+            f"train_size ({train_size}) + val_size ({val_size}) = {n_fit} frames, but only {len(fit_idx)} are "
+            f"available for them; set data.train_size and data.val_size to smaller counts or to fractions"
+        )
     train_idx, val_idx = split_indices(len(fit_idx), [n_train, n_val], seed)
     train, val = pool.subset(fit_idx[train_idx]), pool.subset(fit_idx[val_idx])
     elements = {int(z) for zs in train.numbers for z in zs}
