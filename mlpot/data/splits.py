@@ -121,7 +121,7 @@ def frames_to_graphs(frames: Frames, cutoff: float, dtype: torch.dtype, device="
         periodic = bool(frames.pbc[i].any())
         cell, pbc = (frames.cells[i], frames.pbc[i]) if periodic else (None, None)
         g = make_graph(frames.numbers[i], frames.positions[i], cutoff, cell, pbc, dtype=dtype, device=device)
-        g[keys.ENERGY_REF] = torch.tensor([frames.energy[i]], dtype=dtype, device=device)
+        g[keys.ENERGY_REF] = torch.tensor([frames.energy[i]], dtype=torch.float64, device=device)  # as the model's
         g[keys.FORCES_REF] = torch.as_tensor(frames.forces[i], dtype=dtype, device=device)
         graphs.append(g)
     return graphs

@@ -13,7 +13,8 @@ from mlpot.nn import forces as derivatives
 class Potential(nn.Module):
     """Wraps one model (graph -> per-atom energies) with everything the models share.
 
-    ``E_i = scale * model_i + shift[Z_i]``, ``E = sum_i E_i`` per structure (:meth:`energy`); forces
+    ``E_i = scale * model_i + shift[Z_i]``, ``E = sum_i E_i`` per structure (:meth:`energy`; per-atom and
+    total energies are float64 in every precision, the forces in the model's); forces
     ``F = -dE/dpos`` (``create_graph`` while training so force losses can be backpropagated), on request
     the virial, and the Hessian, all by autograd in :mod:`mlpot.nn.forces`. Metadata (kind, species,
     cutoff, hyperparameters) travels with it.
@@ -73,9 +74,12 @@ class Potential(nn.Module):
         if check_species and bool((species < 0).any()):
             raise ValueError("structure contains an element this model was not trained on")
         node_energy, features = self.model(out, species)
-        node_energy = node_energy * self.energy_scale + self.energy_shift[species]
+        # shifted and summed in float64 whatever the model's precision: float32 totals near -4200 eV
+        # are quantised at 2^-10 eV ~ 1 meV, which energy errors and committee spreads would show
+        scaled = (node_energy * self.energy_scale).to(torch.float64)
+        node_energy = scaled + self.energy_shift.to(torch.float64)[species]
         num_graphs = graph[keys.NUM_ATOMS].shape[0]
-        energy = torch.zeros(num_graphs, dtype=node_energy.dtype, device=node_energy.device)
+        energy = torch.zeros(num_graphs, dtype=torch.float64, device=node_energy.device)
         out[keys.NODE_ENERGY] = node_energy
         out[keys.ENERGY] = energy.index_add(0, graph[keys.BATCH], node_energy)
         out[keys.NODE_FEATURES] = features
