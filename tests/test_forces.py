@@ -160,3 +160,28 @@ def test_torchscript_file_computes_the_same_virial(tmp_path):
     got = module.energy_and_forces(dict(graph), True, False, True)
     for key in (keys.ENERGY, keys.FORCES, keys.VIRIAL):
         torch.testing.assert_close(got[key], expected[key], rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize("kind", ["schnet", "egnn"])
+def test_float32_energy_differences_are_not_quantised_by_large_shifts(kind):
+    """Energies are shifted and summed in float64: with per-atom shifts of -1000 eV (totals near -9000 eV,
+    where float32 resolves only ~1e-3 eV) a 1e-3 Å move still changes the energy by -F.dx (~1e-5 eV)."""
+    potential = make_tiny_potential(kind, torch.float32)
+    potential.energy_shift.fill_(-1000.0)
+    atoms = perturbed_ethanol()
+    graph = make_graph(atoms.numbers, atoms.positions, potential.cutoff, dtype=torch.float32)
+    out = potential(graph)
+    assert out[keys.ENERGY].dtype == torch.float64 and out[keys.NODE_ENERGY].dtype == torch.float64
+    forces = out[keys.FORCES].detach().double().numpy()
+    k = int(np.abs(forces).argmax())
+    step = np.zeros(forces.size)
+    step[k] = 1e-3
+
+    def energy_at(displacement):
+        moved = make_graph(atoms.numbers, atoms.positions + displacement.reshape(-1, 3), potential.cutoff, dtype=torch.float32)
+        return float(potential(moved)[keys.ENERGY])
+
+    change = energy_at(step) - energy_at(-step)  # central difference: -2 F dx
+    expected = -2 * forces.ravel()[k] * 1e-3
+    assert abs(expected) > 1e-5  # far below float32's resolution of a -9000 eV total (~1e-3 eV)
+    assert change == pytest.approx(expected, rel=0.05)
