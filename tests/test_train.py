@@ -105,7 +105,7 @@ CONFIG_ERRORS = {
     "section_not_mapping": (lambda cfg: cfg.update(train=5), "train: expected a mapping, got 5"),
     "missing_dataset": (_set("data", dataset="/nonexistent.npz"), "data.dataset: no such file '/nonexistent.npz'"),
     "missing_test_dataset": (_set("data", test_dataset="/nonexistent/test.npz"), "data.test_dataset: no such file '/nonexistent/test.npz'"),
-    "too_few_frames": (_set("data", train_size=20), "train_size + val_size = 24 but only 14 frames"),
+    "too_few_frames": (_set("data", train_size=20), "train_size (20) + val_size (4) = 24 frames, but only 14 are available"),
     "zero_batch": (_set("train", batch_size=0), "train.batch_size must be at least 1"),
     "compile_gcn": (
         lambda cfg: (cfg["model"].update(kind="gcn", hparams=dict(HPARAMS["gcn"])), cfg["train"].update(compile=True)),
