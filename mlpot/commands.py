@@ -125,7 +125,7 @@ def run_eval(args) -> dict:
     from mlpot import export
     from mlpot.data import datasets
     from mlpot.data.splits import frames_to_graphs
-    from mlpot.train.metrics import error_metrics, format_metrics, predict
+    from mlpot.train.metrics import error_metrics, format_metrics, predict, stress_labels
 
     dtype = dtype_of(args.dtype) if args.dtype else None
     model, meta = export.load(args.model, dtype=dtype)
@@ -139,7 +139,7 @@ def run_eval(args) -> dict:
     if unknown:
         raise ValueError(f"the data holds elements {unknown} that the model does not know ({meta['species']})")
     graphs = frames_to_graphs(frames, meta["cutoff"], dtype or dtype_of(meta["dtype"]))
-    metrics = error_metrics(predict(model, graphs))
+    metrics = error_metrics(predict(model, graphs, stress_ref=stress_labels(frames)))
     if args.json:
         print(json.dumps(metrics, indent=2))
     else:

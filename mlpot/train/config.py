@@ -67,7 +67,7 @@ class TrainConfig:
     huber_delta: float = 0.01
     energy_weight: float = 1.0  # on per-atom energy errors
     forces_weight: float = 100.0
-    stress_weight: float = 0.0  # must stay 0 until the potentials compute stress
+    stress_weight: float = 0.0  # on stress errors, eV/Å^3 (frames with a stress and a full periodic cell)
     grad_clip: Optional[float] = 10.0
     ema_decay: Optional[float] = 0.99
     early_stopping_patience: Optional[int] = 50
@@ -198,8 +198,9 @@ def config_from_dict(raw: dict, overrides: List[str] = ()) -> Config:
             continue
         if isinstance(size, int) or not 0 < size < 1:
             raise ConfigError(f"data.{key} is {size!r}: give a count of frames (at least 1) or a fraction (0 < x < 1)")
-    if config.train.stress_weight != 0:
-        raise ConfigError("train.stress_weight: stress training is not available yet; set it to 0")
+    for key in ("energy_weight", "forces_weight", "stress_weight"):
+        if getattr(config.train, key) < 0:
+            raise ConfigError(f"train.{key} is {getattr(config.train, key)!r}; loss weights must be >= 0")
     if not 1 <= config.data.index <= 5:
         raise ConfigError(f"data.index: rMD17 splits are numbered 1..5, got {config.data.index}")
     if config.train.batch_size < 1:
