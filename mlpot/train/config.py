@@ -46,6 +46,9 @@ class ModelConfig:
     cutoff: float = 5.0
     dtype: str = "float32"
     hparams: Dict[str, Any] = field(default_factory=dict)
+    # per-element reference energies E0 (the per-species energy shift): auto | average | least_squares
+    # (mlpot.data.statistics.energy_shift), or a mapping element (symbol or atomic number) -> eV
+    e0s: Union[str, Dict[Any, Any]] = "auto"
 
 
 @dataclass
@@ -185,6 +188,27 @@ def check_model_hparams(kind: str, hparams: dict) -> None:
         raise ConfigError(f"model.hparams: {kind} takes no {', '.join(unknown)}; it takes {allowed}")
 
 
+def parse_e0s(value) -> Union[str, Dict[int, float]]:
+    """``model.e0s`` as :func:`mlpot.data.statistics.energy_shift` takes it: a mode name, or atomic number -> eV."""
+    from ase.data import atomic_numbers
+
+    from mlpot.data.statistics import E0_MODES
+
+    if isinstance(value, str):
+        if value not in E0_MODES:
+            raise ConfigError(f"model.e0s: {value!r} is not one of {list(E0_MODES)} or a mapping element -> eV")
+        return value
+    mapping = {}
+    for element, energy in value.items():
+        z = atomic_numbers.get(element) if isinstance(element, str) else element
+        if not isinstance(z, int) or isinstance(z, bool) or not 1 <= z <= 118:
+            raise ConfigError(f"model.e0s: {element!r} is not an element symbol or atomic number")
+        if isinstance(energy, bool) or not isinstance(energy, (int, float)):
+            raise ConfigError(f"model.e0s: the E0 of {element} is {energy!r}, not a number of eV")
+        mapping[z] = float(energy)
+    return mapping
+
+
 def config_from_dict(raw: dict, overrides: List[str] = ()) -> Config:
     """Validated Config from a nested dict plus ``section.key=value`` overrides."""
     raw = copy.deepcopy(dict(raw or {}))  # overrides must not reach into the caller's nested dicts
@@ -192,6 +216,7 @@ def config_from_dict(raw: dict, overrides: List[str] = ()) -> Config:
         _apply_override(raw, assignment)
     config = _fill(Config, raw, "")
     check_model_hparams(config.model.kind, config.model.hparams)
+    parse_e0s(config.model.e0s)
     for key in ("train_size", "val_size", "test_size"):
         size = getattr(config.data, key)
         if size is None or (isinstance(size, int) and size >= 1):

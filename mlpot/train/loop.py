@@ -36,7 +36,7 @@ from mlpot.dtypes import dtype_of
 from mlpot.models import build_potential
 from mlpot.threads import torch_threads
 from mlpot.train.compiled import CompiledTraining
-from mlpot.train.config import Config, ConfigError
+from mlpot.train.config import Config, ConfigError, parse_e0s
 from mlpot.train.metrics import error_metrics, format_metrics, predict, stress_labels
 
 # the files of a run directory, each written atomically (files.atomic_path: ``<name>.<random>.tmp``)
@@ -273,7 +273,10 @@ def _build_potential(cfg: Config, train_frames: Frames, state: Optional[dict], d
     if state is not None:
         return potential_from_description(state["potential"]).to(device), state["statistics"]
     species = sorted({int(z) for zs in train_frames.numbers for z in zs})
-    stats = fit_statistics(train_frames, species, cfg.model.cutoff)
+    try:
+        stats = fit_statistics(train_frames, species, cfg.model.cutoff, parse_e0s(cfg.model.e0s))
+    except ValueError as err:  # a mapping that lacks a training element
+        raise ConfigError(f"model.e0s: {err}") from None
     hparams = dict(cfg.model.hparams)
     if cfg.model.kind == "egnn":
         hparams.setdefault("avg_num_neighbors", stats["avg_num_neighbors"])
@@ -372,6 +375,8 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             files.write_text(self.run_dir / "config.yaml", yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
         writer = _tensorboard(self.run_dir) if self.main else None
+        if self.main and progress and "e0s" in self.stats:
+            tqdm.write(describe_e0s(self.stats["e0s"]))
         if t.compile and self.main and progress:
             tqdm.write("train.compile: the first training step traces and compiles the model (10-90 s on a CPU)")
         try:
@@ -550,6 +555,12 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> Dict[str,
 
 
 # === report and deploy ===
+def describe_e0s(e0s: dict) -> str:
+    """One line: which reference energies the per-species shift holds."""
+    values = ", ".join(f"{symbol} {energy:.4f}" for symbol, energy in e0s["eV"].items())
+    return f"E0s ({e0s['mode']}): {values} eV"
+
+
 def _hardware(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -622,14 +633,17 @@ def report(cfg: Config, potential, best: dict, test_frames: Frames, history, sto
 
 def deploy(cfg: Config, potential, test_metrics: Dict[str, float]) -> Path:
     """Write ``run_dir/model.pt``: the deployed ``potential`` with the test metrics, the training
-    set's shortest pair distances (which the calculators warn below) and ``periodic: true`` when the
-    training data was periodic (the calculators then take periodic cells)."""
+    set's shortest pair distances (which the calculators warn below), its E0s (``e0s``: mode and eV per
+    element) and ``periodic: true`` when the training data was periodic (the calculators then take
+    periodic cells)."""
     run_dir = Path(cfg.run_dir)
     stats = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=False)["statistics"]
     path = run_dir / "model.pt"
-    periodic = {"periodic": True} if stats.get("periodic") else {}
+    extra = {"periodic": True} if stats.get("periodic") else {}
+    if "e0s" in stats:
+        extra["e0s"] = stats["e0s"]
     export.save(potential, path, dataset=cfg.data.dataset, metrics=test_metrics,
-                min_pair_distances=stats.get("min_pair_distances", {}), **periodic)
+                min_pair_distances=stats.get("min_pair_distances", {}), **extra)
     return path
 
 
