@@ -73,6 +73,8 @@ def _train_parser(sub) -> Parser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.lr=1e-3 (repeatable)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR exactly (uses its saved config)")
+    p.add_argument("--init", metavar="MODEL", help="fine-tune: start from the weights of this deployed TorchScript file "
+                                                   "(same kind; its elements must be in the data; sets model.init)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
     p.add_argument("--committee", type=int, metavar="K",
                    help="train K >= 2 members with train.seed = 0..K-1 into RUN_DIR/member-k (same data split), "
@@ -84,6 +86,8 @@ def run_train(args) -> None:
     from mlpot.train import load_config
     from mlpot.train import train as fit
 
+    if args.init and args.resume:
+        raise UsageError("--init starts a new run; --resume continues one (its config.yaml records the init)")
     if args.resume:
         config = load_config(Path(args.resume) / "config.yaml", args.set)
         config.run_dir = args.resume
@@ -91,6 +95,8 @@ def run_train(args) -> None:
         config = load_config(args.config, args.set)
     else:
         raise UsageError("give a CONFIG.yaml or --resume RUN_DIR")
+    if args.init:
+        config.model.init = str(Path(args.init).resolve())
     if args.committee is not None and args.committee < 2:
         raise UsageError("--committee needs K >= 2")
     with torch_threads(config.train.num_threads):

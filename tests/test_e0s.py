@@ -86,7 +86,7 @@ def test_nearly_one_stoichiometry_is_not_fitted():
 
 
 def test_config_checks():
-    assert config_from_dict({}).model.e0s == "auto"
+    assert config_from_dict({}).model.e0s is None and parse_e0s(None) == "auto"
     with pytest.raises(ConfigError, match="model.e0s: 'mean' is not one of"):
         config_from_dict({"model": {"e0s": "mean"}})
     with pytest.raises(ConfigError, match="model.e0s: 'Xx' is not an element symbol or atomic number"):

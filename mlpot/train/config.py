@@ -47,8 +47,11 @@ class ModelConfig:
     dtype: str = "float32"
     hparams: Dict[str, Any] = field(default_factory=dict)
     # per-element reference energies E0 (the per-species energy shift): auto | average | least_squares
-    # (mlpot.data.statistics.energy_shift), or a mapping element (symbol or atomic number) -> eV
-    e0s: Union[str, Dict[Any, Any]] = "auto"
+    # (mlpot.data.statistics.energy_shift), or a mapping element (symbol or atomic number) -> eV;
+    # None: auto, or with model.init the file's E0s
+    e0s: Optional[Union[str, Dict[Any, Any]]] = None
+    # a deployed TorchScript file to start from (fine-tuning, mlpot train --init; see mlpot.train.finetune)
+    init: Optional[str] = None
 
 
 @dataclass
@@ -194,6 +197,8 @@ def parse_e0s(value) -> Union[str, Dict[int, float]]:
 
     from mlpot.data.statistics import E0_MODES
 
+    if value is None:
+        return "auto"
     if isinstance(value, str):
         if value not in E0_MODES:
             raise ConfigError(f"model.e0s: {value!r} is not one of {list(E0_MODES)} or a mapping element -> eV")

@@ -37,6 +37,7 @@ from mlpot.models import build_potential
 from mlpot.threads import torch_threads
 from mlpot.train.compiled import CompiledTraining
 from mlpot.train.config import Config, ConfigError, parse_e0s
+from mlpot.train.finetune import initial_potential
 from mlpot.train.metrics import error_metrics, format_metrics, predict, stress_labels
 
 # the files of a run directory, each written atomically (files.atomic_path: ``<name>.<random>.tmp``)
@@ -268,11 +269,14 @@ def _check_run_dir(run_dir: Path, resume: bool, main: bool) -> bool:
 
 
 def _build_potential(cfg: Config, train_frames: Frames, state: Optional[dict], device):
-    """(potential, training-set statistics): rebuilt from a checkpoint's ``state``, or new, its energy
-    shift and scale (and an egnn's neighbour count) fitted to the training frames."""
+    """(potential, training-set statistics): rebuilt from a checkpoint's ``state``, or from the deployed file
+    ``model.init`` (:mod:`mlpot.train.finetune`), or new, its energy shift and scale (and an egnn's
+    neighbour count) fitted to the training frames."""
     if state is not None:
         return potential_from_description(state["potential"]).to(device), state["statistics"]
     species = sorted({int(z) for zs in train_frames.numbers for z in zs})
+    if cfg.model.init:
+        return initial_potential(cfg, train_frames, species, device)
     try:
         stats = fit_statistics(train_frames, species, cfg.model.cutoff, parse_e0s(cfg.model.e0s))
     except ValueError as err:  # a mapping that lacks a training element
@@ -640,8 +644,9 @@ def deploy(cfg: Config, potential, test_metrics: Dict[str, float]) -> Path:
     stats = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=False)["statistics"]
     path = run_dir / "model.pt"
     extra = {"periodic": True} if stats.get("periodic") else {}
-    if "e0s" in stats:
-        extra["e0s"] = stats["e0s"]
+    for key in ("e0s", "init"):  # the reference energies; the file fine-tuning started from
+        if key in stats:
+            extra[key] = stats[key]
     export.save(potential, path, dataset=cfg.data.dataset, metrics=test_metrics,
                 min_pair_distances=stats.get("min_pair_distances", {}), **extra)
     return path
