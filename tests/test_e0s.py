@@ -1,5 +1,7 @@
 """Reference energies (E0s): the modes of model.e0s, which one auto picks, and where the E0s are recorded."""
 
+from pathlib import Path
+
 import ase.build
 import ase.io
 import numpy as np
@@ -8,6 +10,7 @@ import torch
 
 from mlpot import export, keys
 from mlpot.data import collate
+from mlpot.data.graph import atoms_to_graph
 from mlpot.data.datasets import Frames
 from mlpot.data.statistics import energy_shift, fit_statistics
 from mlpot.train.config import ConfigError, config_from_dict, parse_e0s
@@ -141,3 +144,16 @@ def test_fit_statistics_records_the_mode():
     stats = fit_statistics(sum_of_atoms(10), SPECIES, 4.0)
     assert stats["e0s"]["mode"] == "least_squares"
     assert stats["e0s"]["eV"]["C"] == pytest.approx(-1029.5, abs=1e-9)
+
+
+SHIPPED = Path(__file__).resolve().parents[1] / "deploy" / "ethanol.pt"
+
+
+@pytest.mark.skipif(not SHIPPED.is_file(), reason="needs the shipped deploy/ethanol.pt")
+def test_the_shipped_ethanol_model_has_average_e0s():
+    model, meta = export.load(SHIPPED)
+    assert meta["e0s"]["mode"] == "average" and set(meta["e0s"]["eV"]) == {"H", "C", "O"}
+    ethanol = ase.build.molecule("CH3CH2OH")
+    out = model(collate([atoms_to_graph(ethanol, meta["cutoff"], torch.float32)]))
+    per_atom = out[keys.NODE_ENERGY].double()
+    assert torch.all((per_atom - meta["e0s"]["eV"]["H"]).abs() < 20), per_atom  # H no longer near -616 eV
