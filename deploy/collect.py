@@ -14,6 +14,17 @@ import yaml
 HERE = Path(__file__).resolve().parent
 
 
+def e0_line(run: Path) -> str:
+    """The card's line on the reference energies (E0s) the run's model.pt records."""
+    from mlpot import export
+
+    e0s = export.read_metadata(run / "model.pt").get("e0s")
+    if e0s is None:
+        return "- reference energies (E0s): not recorded (a model.pt from before model.e0s)"
+    values = ", ".join(f"{symbol} {energy:.4f}" for symbol, energy in e0s["eV"].items())
+    return f"- reference energies (E0s): `{e0s['mode']}`: {values} eV (`model.e0s`)"
+
+
 def card(name: str, run: Path, metrics: dict, config: dict) -> str:
     test, model = metrics["test"], metrics["model"]
     lines = [
@@ -25,6 +36,7 @@ def card(name: str, run: Path, metrics: dict, config: dict) -> str:
         f"- data: `{metrics['dataset']}`; {metrics['train_size']} training and {metrics['val_size']} validation "
         f"frames drawn (seed {config['data']['seed']}) from its training file; test set: "
         f"{test['num_structures']} frames of `{Path(metrics['test_source']).name}`",
+        e0_line(run),
         f"- training: {metrics['epochs_run']} epochs (best {metrics['best_epoch']}, stopped by {metrics['stopped_by']}), "
         f"{metrics['train_time_s'] / 60:.1f} min on {metrics['hardware']}; batch {config['train']['batch_size']}, "
         f"lr {config['train']['lr']}, {config['train']['scheduler']} schedule, EMA {config['train']['ema_decay']}, "

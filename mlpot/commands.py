@@ -73,6 +73,8 @@ def _train_parser(sub) -> Parser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.lr=1e-3 (repeatable)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR exactly (uses its saved config)")
+    p.add_argument("--init", metavar="MODEL", help="fine-tune: start from the weights of this deployed TorchScript file "
+                                                   "(same kind; its elements must be in the data; sets model.init)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
     p.add_argument("--committee", type=int, metavar="K",
                    help="train K >= 2 members with train.seed = 0..K-1 into RUN_DIR/member-k (same data split), "
@@ -84,6 +86,8 @@ def run_train(args) -> None:
     from mlpot.train import load_config
     from mlpot.train import train as fit
 
+    if args.init and args.resume:
+        raise UsageError("--init starts a new run; --resume continues one (its config.yaml records the init)")
     if args.resume:
         config = load_config(Path(args.resume) / "config.yaml", args.set)
         config.run_dir = args.resume
@@ -91,6 +95,8 @@ def run_train(args) -> None:
         config = load_config(args.config, args.set)
     else:
         raise UsageError("give a CONFIG.yaml or --resume RUN_DIR")
+    if args.init:
+        config.model.init = str(Path(args.init).resolve())
     if args.committee is not None and args.committee < 2:
         raise UsageError("--committee needs K >= 2")
     with torch_threads(config.train.num_threads):
@@ -151,7 +157,7 @@ def run_eval(args) -> dict:
     from mlpot import export
     from mlpot.data import datasets
     from mlpot.data.splits import frames_to_graphs
-    from mlpot.train.metrics import error_metrics, format_metrics, predict
+    from mlpot.train.metrics import error_metrics, format_metrics, predict, stress_labels
 
     if args.split is None and not Path(args.data).is_file() and args.data not in datasets.SINGLE_FILE_DATASETS:
         args.split = "test"
@@ -175,7 +181,7 @@ def run_eval(args) -> dict:
     if unknown:
         raise ValueError(f"the data holds elements {unknown} that the model does not know ({meta['species']})")
     graphs = frames_to_graphs(frames, meta["cutoff"], dtype or dtype_of(meta["dtype"]))
-    metrics = error_metrics(predict(model, graphs))
+    metrics = error_metrics(predict(model, graphs, stress_ref=stress_labels(frames)))
     if args.json:
         print(json.dumps(metrics, indent=2))
     else:

@@ -204,9 +204,10 @@ def test_fractions():
         config_from_dict({"data": {"split": "blocks"}})
 
 
-def test_stress_weight_is_refused_until_stress_exists():
-    with pytest.raises(ConfigError, match="train.stress_weight: stress training is not available yet; set it to 0"):
-        config_from_dict({"train": {"stress_weight": 1.0}})
+def test_negative_loss_weights_are_refused():
+    assert config_from_dict({"train": {"stress_weight": 1.0}}).train.stress_weight == 1.0
+    with pytest.raises(ConfigError, match="train.stress_weight is -1.0; loss weights must be >= 0"):
+        config_from_dict({"train": {"stress_weight": -1.0}})
 
 
 # === training on periodic data ===

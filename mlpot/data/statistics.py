@@ -4,6 +4,7 @@ neighbour count, shortest pair distances."""
 from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
+from ase.data import chemical_symbols
 from ase.geometry import get_distances
 
 from mlpot import keys
@@ -14,11 +15,53 @@ from mlpot.data.graph import make_graph
 NEIGHBOR_SAMPLE = 50
 
 
-def energy_shift(frames: Frames, species: Sequence[int]) -> np.ndarray:
-    """Per-species energies E0 (len(species),) eV: least squares of the frames' energies on their composition."""
-    counts = np.array([[np.sum(z == s) for s in species] for z in frames.numbers], dtype=np.float64)
+# E0 modes of energy_shift besides an explicit mapping element -> eV
+E0_MODES = ("auto", "average", "least_squares")
+# auto fits E0s by least squares only when the composition matrix (frames x species, each column scaled to unit
+# length) has full column rank and a condition number below this: above it the split of the energy among the
+# elements is set by noise (e.g. one molecule's trajectory, where any split fits: rank 1)
+E0_MAX_CONDITION = 100.0
+
+
+def composition_matrix(frames: Frames, species: Sequence[int]) -> np.ndarray:
+    """(M, S) number of atoms of each species in each frame."""
+    return np.array([[np.sum(z == s) for s in species] for z in frames.numbers], dtype=np.float64)
+
+
+def least_squares_determined(counts: np.ndarray) -> bool:
+    """Whether the compositions determine per-element energies well (see E0_MAX_CONDITION)."""
+    scaled = counts / np.linalg.norm(counts, axis=0)
+    return np.linalg.matrix_rank(scaled) == counts.shape[1] and np.linalg.cond(scaled) < E0_MAX_CONDITION
+
+
+def energy_shift(frames: Frames, species: Sequence[int], e0s="auto") -> Tuple[np.ndarray, str]:
+    """Per-species energies E0 (len(species),) eV and the mode that gave them.
+
+    ``e0s``: ``least_squares`` (the frames' energies fitted as sums of per-element energies), ``average``
+    (every element the mean per-atom energy of the frames), ``auto`` (least squares where the compositions
+    determine it, see :func:`least_squares_determined`, else average), or a mapping atomic number -> eV
+    (isolated-atom energies) covering every species (mode ``given``).
+    """
+    if isinstance(e0s, dict):
+        missing = [int(z) for z in species if int(z) not in e0s]
+        if missing:
+            raise ValueError(f"the E0 mapping lacks the training element(s) {missing}")
+        return np.array([float(e0s[int(z)]) for z in species]), "given"
+    if e0s not in E0_MODES:
+        raise ValueError(f"E0 mode {e0s!r} is not one of {list(E0_MODES)} or a mapping element -> eV")
+    counts = composition_matrix(frames, species)
+    if e0s == "auto":
+        e0s = "least_squares" if least_squares_determined(counts) else "average"
+    if e0s == "average":
+        per_atom = frames.energy / counts.sum(axis=1)
+        return np.full(len(species), per_atom.mean()), "average"
     shift, *_ = np.linalg.lstsq(counts, frames.energy, rcond=None)
-    return shift
+    return shift, "least_squares"
+
+
+def e0_record(species: Sequence[int], shift, mode: str) -> Dict[str, object]:
+    """``{"mode": mode, "eV": {symbol: E0}}``: the E0s as training statistics and deployed files record them."""
+    return {"mode": mode, "eV": {chemical_symbols[int(z)]: float(e) for z, e in zip(species, shift)}}
 
 
 def force_scale(frames: Frames) -> float:
@@ -57,12 +100,14 @@ def min_pair_distances(frames: Frames) -> Dict[str, float]:
     return {f"{a}-{b}": round(d, 4) for (a, b), d in sorted(shortest.items())}
 
 
-def fit_statistics(frames: Frames, species: List[int], cutoff: float) -> Dict[str, object]:
+def fit_statistics(frames: Frames, species: List[int], cutoff: float, e0s="auto") -> Dict[str, object]:
     """All of the above as plain data (stored in training checkpoints): ``energy_shift`` (list, eV),
-    ``energy_scale`` (eV/Å), ``avg_num_neighbors``, ``min_pair_distances`` (Å), ``periodic`` (any
-    periodic frame)."""
+    ``e0s`` (``{"mode": ..., "eV": {symbol: E0}}``, see :func:`energy_shift`), ``energy_scale`` (eV/Å),
+    ``avg_num_neighbors``, ``min_pair_distances`` (Å), ``periodic`` (any periodic frame)."""
+    shift, mode = energy_shift(frames, species, e0s)
     return {
-        "energy_shift": energy_shift(frames, species).tolist(),
+        "energy_shift": shift.tolist(),
+        "e0s": e0_record(species, shift, mode),
         "energy_scale": force_scale(frames),
         "avg_num_neighbors": avg_num_neighbors(frames, cutoff),
         "min_pair_distances": min_pair_distances(frames),

@@ -41,16 +41,18 @@ def unsupported_reason(potential) -> Optional[str]:
 
 class CompiledTraining:
     """Call it like the potential on a training batch: ``out = step_model(batch)`` gives energy, forces
-    and node energy whose autograd graph reaches the potential's weights.
+    and node energy (and with ``virial`` the virial, for a stress loss) whose autograd graph reaches the
+    potential's weights.
 
     In eval mode, for a batch without the pair keys, or one with a single structure, atom, edge or pair
     (a size the compiled code would be specialised to, and which Inductor cannot always build), it calls
     the potential itself.
     """
 
-    def __init__(self, potential, verify: bool = True):
+    def __init__(self, potential, verify: bool = True, virial: bool = False):
         self.potential = potential
         self.verify = verify
+        self.virial = virial
         self.failed: Optional[str] = unsupported_reason(potential)
         self._function = None
         # the weights and buffers, read once at the build (walking the module tree costs ~0.2 ms a step
@@ -65,7 +67,7 @@ class CompiledTraining:
     def _build(self) -> None:
         from torch.fx.experimental.proxy_tensor import make_fx
 
-        module = EnergyAndForces(self.potential, create_graph=True)
+        module = EnergyAndForces(self.potential, create_graph=True, virial=self.virial)
         named = [*module.named_parameters(), *module.named_buffers()]
         names = [n for n, _ in named]
         self._tensors = [t for _, t in named]
@@ -93,10 +95,18 @@ class CompiledTraining:
         # counts that happen to be equal in one batch must not be tied together in the compiled code
         # (each new coincidence would cost a recompile)
         with fx_config.patch(use_duck_shape=False):
-            energy, forces, node_energy = self._function(self._tensors, *inputs)
+            results = self._function(self._tensors, *inputs)
         out = dict(batch)
-        out[keys.ENERGY], out[keys.FORCES], out[keys.NODE_ENERGY] = energy, forces, node_energy
+        out[keys.ENERGY], out[keys.FORCES], out[keys.NODE_ENERGY] = results[:3]
+        if self.virial:
+            out[keys.VIRIAL] = results[3]
         return out
+
+    def _eager(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """What the potential itself gives for the batch (with the virial when asked for)."""
+        if self.virial and self.potential.training:
+            return self.potential.energy_and_forces(batch, True, True)
+        return self.potential(batch)
 
     def _fall_back(self, why: str) -> None:
         self.failed = why
@@ -105,7 +115,7 @@ class CompiledTraining:
 
     def __call__(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         if self.failed is not None or not self.potential.training or not _compilable(batch):
-            return self.potential(batch)
+            return self._eager(batch)
         species = self.potential.species_index[batch[keys.ATOMIC_NUMBERS]]
         if bool((species < 0).any()):
             raise ValueError("structure contains an element this model was not trained on")
@@ -116,9 +126,9 @@ class CompiledTraining:
             out = self._run(batch)
         except Exception as err:  # no C++ compiler, a torch limitation: eager still trains correctly
             self._fall_back(f"compiling failed ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})")
-            return self.potential(batch)
+            return self._eager(batch)
         if first and self.verify:
-            expected = self.potential(dict(batch))
+            expected = self._eager(dict(batch))
             weights = [w for w in self.potential.parameters() if w.requires_grad]
             # a second compiled evaluation for the check: a compiled backward can run only once
             problem = _disagreement(self._run(batch), expected, weights)
@@ -155,19 +165,28 @@ def _compilable(batch: Dict[str, torch.Tensor]) -> bool:
 
 
 def _disagreement(out, expected, weights: List[torch.Tensor]) -> str:
-    """'' when energies, forces and the weight gradients of a force loss agree to the dtype's precision,
-    else what differs. Uses up ``out``'s autograd graph; keeps ``expected``'s."""
+    """'' when energies, forces (virials, when there) and the weight gradients of a force (and virial)
+    loss agree to the dtype's precision, else what differs. Uses up ``out``'s autograd graph; keeps
+    ``expected``'s."""
     forces = expected[keys.FORCES]
     rtol = 1e-7 if forces.dtype == torch.float64 else 1e-3
     problem = output_disagreement(out[keys.ENERGY], out[keys.FORCES], expected[keys.ENERGY], forces, rtol)
     if problem:
         return problem
+    virial = keys.VIRIAL in expected
+    if virial:
+        error = float((out[keys.VIRIAL] - expected[keys.VIRIAL]).detach().abs().max())
+        if not error <= rtol * (float(expected[keys.VIRIAL].detach().abs().max()) + 1e-12):
+            return f"virials by {error:.2e} eV"
     gen = torch.Generator().manual_seed(0)
     probe_f = torch.randn(forces.shape, generator=gen, dtype=forces.dtype).to(forces.device)
     probe_e = torch.randn(expected[keys.ENERGY].shape, generator=gen, dtype=forces.dtype).to(forces.device)
+    probe_w = torch.randn((len(probe_e), 3, 3), generator=gen, dtype=forces.dtype).to(forces.device)
 
     def gradients(result, retain: bool):
         loss = (result[keys.FORCES] * probe_f).sum() + (result[keys.ENERGY] * probe_e).sum()
+        if virial:
+            loss = loss + (result[keys.VIRIAL] * probe_w).sum()
         grads = torch.autograd.grad(loss, weights, retain_graph=retain, allow_unused=True)
         return [torch.zeros_like(w) if g is None else g for w, g in zip(weights, grads)]
 

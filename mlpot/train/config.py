@@ -46,6 +46,12 @@ class ModelConfig:
     cutoff: float = 5.0
     dtype: str = "float32"
     hparams: Dict[str, Any] = field(default_factory=dict)
+    # per-element reference energies E0 (the per-species energy shift): auto | average | least_squares
+    # (mlpot.data.statistics.energy_shift), or a mapping element (symbol or atomic number) -> eV;
+    # None: auto, or with model.init the file's E0s
+    e0s: Optional[Union[str, Dict[Any, Any]]] = None
+    # a deployed TorchScript file to start from (fine-tuning, mlpot train --init; see mlpot.train.finetune)
+    init: Optional[str] = None
 
 
 @dataclass
@@ -67,7 +73,7 @@ class TrainConfig:
     huber_delta: float = 0.01
     energy_weight: float = 1.0  # on per-atom energy errors
     forces_weight: float = 100.0
-    stress_weight: float = 0.0  # must stay 0 until the potentials compute stress
+    stress_weight: float = 0.0  # on stress errors, eV/Å^3 (frames with a stress and a full periodic cell)
     grad_clip: Optional[float] = 10.0
     ema_decay: Optional[float] = 0.99
     early_stopping_patience: Optional[int] = 50
@@ -185,6 +191,29 @@ def check_model_hparams(kind: str, hparams: dict) -> None:
         raise ConfigError(f"model.hparams: {kind} takes no {', '.join(unknown)}; it takes {allowed}")
 
 
+def parse_e0s(value) -> Union[str, Dict[int, float]]:
+    """``model.e0s`` as :func:`mlpot.data.statistics.energy_shift` takes it: a mode name, or atomic number -> eV."""
+    from ase.data import atomic_numbers
+
+    from mlpot.data.statistics import E0_MODES
+
+    if value is None:
+        return "auto"
+    if isinstance(value, str):
+        if value not in E0_MODES:
+            raise ConfigError(f"model.e0s: {value!r} is not one of {list(E0_MODES)} or a mapping element -> eV")
+        return value
+    mapping = {}
+    for element, energy in value.items():
+        z = atomic_numbers.get(element) if isinstance(element, str) else element
+        if not isinstance(z, int) or isinstance(z, bool) or not 1 <= z <= 118:
+            raise ConfigError(f"model.e0s: {element!r} is not an element symbol or atomic number")
+        if isinstance(energy, bool) or not isinstance(energy, (int, float)):
+            raise ConfigError(f"model.e0s: the E0 of {element} is {energy!r}, not a number of eV")
+        mapping[z] = float(energy)
+    return mapping
+
+
 def config_from_dict(raw: dict, overrides: List[str] = ()) -> Config:
     """Validated Config from a nested dict plus ``section.key=value`` overrides."""
     raw = copy.deepcopy(dict(raw or {}))  # overrides must not reach into the caller's nested dicts
@@ -192,14 +221,16 @@ def config_from_dict(raw: dict, overrides: List[str] = ()) -> Config:
         _apply_override(raw, assignment)
     config = _fill(Config, raw, "")
     check_model_hparams(config.model.kind, config.model.hparams)
+    parse_e0s(config.model.e0s)
     for key in ("train_size", "val_size", "test_size"):
         size = getattr(config.data, key)
         if size is None or (isinstance(size, int) and size >= 1):
             continue
         if isinstance(size, int) or not 0 < size < 1:
             raise ConfigError(f"data.{key} is {size!r}: give a count of frames (at least 1) or a fraction (0 < x < 1)")
-    if config.train.stress_weight != 0:
-        raise ConfigError("train.stress_weight: stress training is not available yet; set it to 0")
+    for key in ("energy_weight", "forces_weight", "stress_weight"):
+        if getattr(config.train, key) < 0:
+            raise ConfigError(f"train.{key} is {getattr(config.train, key)!r}; loss weights must be >= 0")
     if not 1 <= config.data.index <= 5:
         raise ConfigError(f"data.index: rMD17 splits are numbered 1..5, got {config.data.index}")
     if config.train.batch_size < 1:

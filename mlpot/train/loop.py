@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import yaml
@@ -35,8 +36,9 @@ from mlpot.dtypes import dtype_of
 from mlpot.models import build_potential
 from mlpot.threads import torch_threads
 from mlpot.train.compiled import CompiledTraining
-from mlpot.train.config import Config, ConfigError
-from mlpot.train.metrics import error_metrics, format_metrics, predict
+from mlpot.train.config import Config, ConfigError, parse_e0s
+from mlpot.train.finetune import initial_potential
+from mlpot.train.metrics import error_metrics, format_metrics, predict, stress_labels
 
 # the files of a run directory, each written atomically (files.atomic_path: ``<name>.<random>.tmp``)
 RUN_FILES = ("config.yaml", "last.pt", "best.pt", "log.csv", "metrics.json", "model.pt")
@@ -163,6 +165,17 @@ def _distributed() -> Tuple[int, int]:
     return dist.get_rank(), world
 
 
+class _VirialStep(torch.nn.Module):
+    """A training step that also gives the virial (for a stress loss), as a module's forward (for DDP)."""
+
+    def __init__(self, potential):
+        super().__init__()
+        self.potential = potential
+
+    def forward(self, batch):
+        return self.potential.energy_and_forces(batch, True, True)
+
+
 class _CompiledStep(torch.nn.Module):
     """The compiled training step behind a module's forward, for DistributedDataParallel.
 
@@ -182,14 +195,18 @@ class _CompiledStep(torch.nn.Module):
         return self.compiled(batch)
 
 
-def _training_step(potential, compile: bool, world: int, device: torch.device):
-    """What a training batch is passed through: the potential or its compiled step, under
-    DistributedDataParallel (gradients averaged over the processes in backward) when ``world > 1``.
-    DDP expects a gradient for every trainable weight in each backward (every model kind gives one)."""
-    step = CompiledTraining(potential) if compile else potential
+def _training_step(potential, compile: bool, world: int, device: torch.device, virial: bool = False):
+    """What a training batch is passed through: the potential or its compiled step (with ``virial``:
+    steps that also give the virial), under DistributedDataParallel (gradients averaged over the
+    processes in backward) when ``world > 1``. DDP expects a gradient for every trainable weight in each
+    backward (every model kind gives one)."""
+    if compile:
+        step = CompiledTraining(potential, virial=virial)
+    else:
+        step = _VirialStep(potential) if virial else potential
     if world == 1:
         return step
-    module = _CompiledStep(step) if compile else potential
+    module = _CompiledStep(step) if compile else step
     return DistributedDataParallel(module, device_ids=[device] if device.type == "cuda" else None)
 
 
@@ -252,12 +269,18 @@ def _check_run_dir(run_dir: Path, resume: bool, main: bool) -> bool:
 
 
 def _build_potential(cfg: Config, train_frames: Frames, state: Optional[dict], device):
-    """(potential, training-set statistics): rebuilt from a checkpoint's ``state``, or new, its energy
-    shift and scale (and an egnn's neighbour count) fitted to the training frames."""
+    """(potential, training-set statistics): rebuilt from a checkpoint's ``state``, or from the deployed file
+    ``model.init`` (:mod:`mlpot.train.finetune`), or new, its energy shift and scale (and an egnn's
+    neighbour count) fitted to the training frames."""
     if state is not None:
         return potential_from_description(state["potential"]).to(device), state["statistics"]
     species = sorted({int(z) for zs in train_frames.numbers for z in zs})
-    stats = fit_statistics(train_frames, species, cfg.model.cutoff)
+    if cfg.model.init:
+        return initial_potential(cfg, train_frames, species, device)
+    try:
+        stats = fit_statistics(train_frames, species, cfg.model.cutoff, parse_e0s(cfg.model.e0s))
+    except ValueError as err:  # a mapping that lacks a training element
+        raise ConfigError(f"model.e0s: {err}") from None
     hparams = dict(cfg.model.hparams)
     if cfg.model.kind == "egnn":
         hparams.setdefault("avg_num_neighbors", stats["avg_num_neighbors"])
@@ -294,11 +317,12 @@ class Trainer:
         # per-frame loss weights, indexed by training frame
         self.train_weights = torch.as_tensor(train_frames.weights, dtype=dtype, device=self.device)
         self.val_graphs = frames_to_graphs(val_frames, cfg.model.cutoff, dtype, self.device)
+        self._set_stress_labels(train_frames, val_frames, dtype)
 
         self.params = [p for p in self.potential.parameters() if p.requires_grad]
         self.weights = torch.nn.ParameterList(self.params)  # the same tensors, for the EMA's updates
         self.optimizer = make_optimizer(self.params, t.optimizer, t.lr, t.weight_decay)
-        self.step_model = _training_step(self.potential, t.compile, world, self.device)
+        self.step_model = _training_step(self.potential, t.compile, world, self.device, virial=self.stress_loss)
         self.scheduler = _make_scheduler(self.optimizer, cfg)
         self.ema = make_ema(self.weights, t.ema_decay) if t.ema_decay else None
         self.loss_of = _loss_fn(t.loss, t.huber_delta)
@@ -306,6 +330,33 @@ class Trainer:
         self.start_epoch, self.best_metric, self.best_epoch, self.elapsed = 0, float("inf"), -1, 0.0
         if state is not None:
             self._restore(state)
+
+    def _set_stress_labels(self, train_frames: Frames, val_frames: Frames, dtype) -> None:
+        """The training frames' reference stresses and volumes for the stress loss (frames without a stress
+        or a full periodic cell are left out of it), and the validation frames' stresses for the metrics."""
+        t = self.cfg.train
+        self.stress_loss = t.stress_weight > 0
+        self.val_stress = stress_labels(val_frames)
+        if not self.stress_loss:
+            return
+        stress = stress_labels(train_frames)
+        if stress is None:
+            raise ConfigError(
+                "train.stress_weight > 0 but no training frame has a stress (and a cell periodic in all three "
+                "directions); set train.stress_weight: 0 or name the stress label with data.stress_key"
+            )
+        usable = np.isfinite(stress).all(axis=(1, 2))
+        self.train_has_stress = torch.as_tensor(usable, device=self.device)
+        self.train_stress = torch.as_tensor(np.nan_to_num(stress), dtype=dtype, device=self.device)
+        volume = np.where(usable, np.abs(np.linalg.det(train_frames.cells)), 1.0)
+        self.train_volume = torch.as_tensor(volume, dtype=dtype, device=self.device)
+
+    def _stress_error(self, out, idx: List[int]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(predicted - reference stress (K, 3, 3) eV/Å^3, their frames' loss weights (K, 1, 1)) of the K
+        frames of the batch that have a reference stress; sigma = -virial / volume."""
+        has = self.train_has_stress[idx]
+        stress = -out[keys.VIRIAL] / self.train_volume[idx][:, None, None]
+        return (stress - self.train_stress[idx])[has], self.train_weights[idx][has][:, None, None]
 
     def _restore(self, state: dict) -> None:
         """Continue from a ``last.pt`` exactly: optimizer, schedule, EMA, history, clock."""
@@ -328,6 +379,8 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             files.write_text(self.run_dir / "config.yaml", yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
         writer = _tensorboard(self.run_dir) if self.main else None
+        if self.main and progress and "e0s" in self.stats:
+            tqdm.write(describe_e0s(self.stats["e0s"]))
         if t.compile and self.main and progress:
             tqdm.write("train.compile: the first training step traces and compiles the model (10-90 s on a CPU)")
         try:
@@ -355,24 +408,20 @@ class Trainer:
 
     def train_epoch(self, epoch: int, progress: bool = True) -> Tuple[Dict[str, float], int]:
         """One pass over the training frames. Returns the sums over batches of the loss and of the
-        energy (meV/atom) and force (meV/Å) MAEs, and the number of batches stepped on."""
+        energy (meV/atom), force (meV/Å) and, with a stress loss, stress (meV/Å^3) MAEs, and the number of
+        batches stepped on."""
         t = self.cfg.train
         if t.scheduler == "cosine":
             for group in self.optimizer.param_groups:
                 group["lr"] = cosine_lr(self.cfg, epoch, self.elapsed)
         self.potential.train()
         batches = epoch_batches(len(self.train_graphs), t.batch_size, t.seed, epoch, self.rank, self.world)
-        sums = {"loss": 0.0, "e": 0.0, "f": 0.0}
+        sums = {"loss": 0.0, "e": 0.0, "f": 0.0, **({"s": 0.0} if self.stress_loss else {})}
         skipped = 0
         bar = tqdm(batches, desc=f"epoch {epoch + 1}/{t.epochs}", disable=not (progress and self.main), leave=False)
         for step, idx in enumerate(bar):
-            batch = collate([self.train_graphs[i] for i in idx])
-            out = self.step_model(batch)
-            e_err = (out[keys.ENERGY] - batch[keys.ENERGY_REF]) / batch[keys.NUM_ATOMS]
-            f_err = out[keys.FORCES] - batch[keys.FORCES_REF]
-            w = self.train_weights[idx]  # (B,): each frame's energy error and its atoms' force errors
-            w_atoms = w.repeat_interleave(batch[keys.NUM_ATOMS])[:, None]
-            loss = t.energy_weight * self.loss_of(e_err, w) + t.forces_weight * self.loss_of(f_err, w_atoms)
+            loss, errors = self.batch_loss(idx)
+            e_err, f_err, s_err = errors["e"], errors["f"], errors.get("s")
             if self._nonfinite_anywhere(loss):
                 skipped += 1
                 self._skip_or_stop(f"non-finite loss at epoch {epoch + 1}, batch {step} (training frames {idx})", skipped)
@@ -387,10 +436,32 @@ class Trainer:
             sums["loss"] += loss.item()
             sums["e"] += e_err.abs().mean().item() * 1000
             sums["f"] += f_err.abs().mean().item() * 1000
+            if s_err is not None and len(s_err):
+                sums["s"] += s_err.abs().mean().item() * 1000
             n = step + 1 - skipped
             bar.set_postfix(E_meV_atom=f"{sums['e'] / n:.2f}", F_meV_A=f"{sums['f'] / n:.1f}")
         bar.close()
         return sums, max(1, len(batches) - skipped)
+
+    def batch_loss(self, idx: List[int]) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """(loss, errors) of the training frames ``idx`` through the training step: per-atom energy errors
+        ``e`` (B,) eV, force errors ``f`` (N, 3) eV/Å and, with a stress loss, stress errors ``s`` (K, 3, 3)
+        eV/Å^3 of the K frames with a reference stress; each frame's terms weighted by its loss weight."""
+        t = self.cfg.train
+        batch = collate([self.train_graphs[i] for i in idx])
+        out = self.step_model(batch)
+        errors = {
+            "e": (out[keys.ENERGY] - batch[keys.ENERGY_REF]) / batch[keys.NUM_ATOMS],
+            "f": out[keys.FORCES] - batch[keys.FORCES_REF],
+        }
+        w = self.train_weights[idx]  # (B,): each frame's energy error and its atoms' force errors
+        w_atoms = w.repeat_interleave(batch[keys.NUM_ATOMS])[:, None]
+        loss = t.energy_weight * self.loss_of(errors["e"], w) + t.forces_weight * self.loss_of(errors["f"], w_atoms)
+        if self.stress_loss:
+            errors["s"], w_stress = self._stress_error(out, idx)
+            if len(errors["s"]):  # a batch without stress labels has no stress term
+                loss = loss + t.stress_weight * self.loss_of(errors["s"], w_stress)
+        return loss, errors
 
     def _nonfinite_anywhere(self, loss: torch.Tensor) -> bool:
         bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=self.device)
@@ -411,12 +482,15 @@ class Trainer:
 
     def evaluate(self) -> Tuple[Dict[str, float], float]:
         """Validation errors of the (EMA-averaged) weights, and the metric that picks the best epoch and
-        drives the plateau schedule: the per-atom energy and force terms of the loss (eV², (eV/Å)²)."""
+        drives the plateau schedule: the per-atom energy, force and stress terms of the loss (eV²,
+        (eV/Å)², (eV/Å^3)²)."""
         t = self.cfg.train
         self.potential.eval()
         with averaged_weights(self.params, self.ema):
-            val = error_metrics(predict(self.potential, self.val_graphs))
+            val = error_metrics(predict(self.potential, self.val_graphs, stress_ref=self.val_stress))
         metric = t.energy_weight * (val["energy_per_atom_mae_meV"] / 1000) ** 2 + t.forces_weight * (val["forces_mae_meV_per_A"] / 1000) ** 2
+        if self.stress_loss and "stress_mae_meV_per_A3" in val:
+            metric += t.stress_weight * (val["stress_mae_meV_per_A3"] / 1000) ** 2
         return val, metric
 
     def end_epoch(self, epoch, tic, sums, steps, val, val_metric, writer, progress) -> None:
@@ -435,6 +509,9 @@ class Trainer:
             "train_forces_mae_meV_per_A": sums["f"] / steps,
             "val_energy_mae_meV": val["energy_mae_meV"], "val_forces_mae_meV_per_A": val["forces_mae_meV_per_A"],
         }
+        if self.stress_loss:
+            row["train_stress_mae_meV_per_A3"] = sums["s"] / steps
+            row["val_stress_mae_meV_per_A3"] = val.get("stress_mae_meV_per_A3", float("nan"))
         self.history.append(row)
         if not self.main:
             return
@@ -482,6 +559,12 @@ def train(cfg: Config, resume: bool = False, progress: bool = True) -> Dict[str,
 
 
 # === report and deploy ===
+def describe_e0s(e0s: dict) -> str:
+    """One line: which reference energies the per-species shift holds."""
+    values = ", ".join(f"{symbol} {energy:.4f}" for symbol, energy in e0s["eV"].items())
+    return f"E0s ({e0s['mode']}): {values} eV"
+
+
 def _hardware(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -530,7 +613,7 @@ def report(cfg: Config, potential, best: dict, test_frames: Frames, history, sto
     """(metrics, test predictions) of the best weights; writes metrics.json (and log.csv again)."""
     run_dir = Path(cfg.run_dir)
     test_graphs = frames_to_graphs(test_frames, cfg.model.cutoff, dtype_of(cfg.model.dtype), device)
-    test_pred = predict(potential, test_graphs)
+    test_pred = predict(potential, test_graphs, stress_ref=stress_labels(test_frames))
     metrics = {
         "test": error_metrics(test_pred),
         "val": best["val"],
@@ -554,14 +637,18 @@ def report(cfg: Config, potential, best: dict, test_frames: Frames, history, sto
 
 def deploy(cfg: Config, potential, test_metrics: Dict[str, float]) -> Path:
     """Write ``run_dir/model.pt``: the deployed ``potential`` with the test metrics, the training
-    set's shortest pair distances (which the calculators warn below) and ``periodic: true`` when the
-    training data was periodic (the calculators then take periodic cells)."""
+    set's shortest pair distances (which the calculators warn below), its E0s (``e0s``: mode and eV per
+    element) and ``periodic: true`` when the training data was periodic (the calculators then take
+    periodic cells)."""
     run_dir = Path(cfg.run_dir)
     stats = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=False)["statistics"]
     path = run_dir / "model.pt"
-    periodic = {"periodic": True} if stats.get("periodic") else {}
+    extra = {"periodic": True} if stats.get("periodic") else {}
+    for key in ("e0s", "init"):  # the reference energies; the file fine-tuning started from
+        if key in stats:
+            extra[key] = stats[key]
     export.save(potential, path, dataset=cfg.data.dataset, metrics=test_metrics,
-                min_pair_distances=stats.get("min_pair_distances", {}), **periodic)
+                min_pair_distances=stats.get("min_pair_distances", {}), **extra)
     return path
 
 
