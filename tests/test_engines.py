@@ -4,6 +4,10 @@ Each engine's numbers are checked against MLPotCalculator on the same geometry, 
 unit conversions are then the only difference), and each engine's dynamics against a property it must have.
 """
 
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import ase.build
@@ -203,3 +207,35 @@ def test_torchsim_bad_input_is_one_clear_error():
         model(ts.io.atoms_to_state([periodic], model.device, model.dtype))
     with pytest.raises(ValueError, match="element.* N not supported"):
         model(ts.io.atoms_to_state([ase.build.molecule("NH3")], model.device, model.dtype))
+
+
+# --- the examples ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name, needs", [("openmm_ethanol.py", "openmmml"), ("ipi_ethanol.py", "ipi"),
+                                         ("torchsim_ethanol.py", "torch_sim")])
+def test_example_runs(name, needs, tmp_path):
+    """Every script in examples/engines/ runs in its short form and prints what it should."""
+    pytest.importorskip(needs)
+    root = Path(__file__).resolve().parents[1]
+    assert {p.name for p in (root / "examples" / "engines").glob("*.py")} == {
+        "openmm_ethanol.py", "ipi_ethanol.py", "torchsim_ethanol.py"}
+    env = {**os.environ, "MLPOT_EXAMPLE_QUICK": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, str(root / "examples" / "engines" / name)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout
+    if name == "openmm_ethanol.py":
+        energy, forces = map(float, re.search(r"energy (\S+) eV, forces (\S+) eV/Å", out).groups())
+        assert abs(energy) < 1e-6 and forces < 1e-6
+        temperatures = [float(t) for t in re.findall(r"T\s+([\d.]+) K$", out, flags=re.M)]
+        assert len(temperatures) == 11 and all(50 < t < 1000 for t in temperatures)
+    elif name == "ipi_ethanol.py":
+        start = float(re.search(r"ASE energy of the start: (\S+) eV", out).group(1))
+        first = float(re.search(r"step    0  potential (\S+) eV", out).group(1))
+        assert first == pytest.approx(start, abs=1e-3)  # float32: one rounding step of a 4210 eV energy
+        assert len(list((tmp_path / "ipi-ethanol").glob("ipi.pos_*.xyz"))) == 4
+    else:
+        assert re.search(r"^10 replicas after 10 steps of 0.5 fs: Epot -42\d\d\.\d+ eV", out, flags=re.M), out
+        assert re.search(r"ms per system-step", out), out
