@@ -65,7 +65,7 @@ class MLPotModel(ModelInterface):
             self._build_graph(state, positions)
         graph = dict(self._graph)
         graph[keys.POSITIONS] = torch.as_tensor(positions + self._offset, dtype=self._dtype, device=self._device)
-        stress = self._compute_stress and bool(state.pbc)
+        stress = self._compute_stress and bool(_pbc(state).any())
         out = self.model.energy_and_forces(graph, True, False, True) if stress else self.model(graph)
         results = {"energy": out[keys.ENERGY].detach(), "forces": out[keys.FORCES].detach()}
         if stress:
@@ -77,7 +77,7 @@ class MLPotModel(ModelInterface):
         if self._graph is None or self.skin <= 0:
             return True
         numbers, system_idx, cell, pbc, built_positions = self._built_for
-        if bool(state.pbc) != pbc or not (torch.equal(state.atomic_numbers.cpu(), numbers)
+        if not np.array_equal(_pbc(state), pbc) or not (torch.equal(state.atomic_numbers.cpu(), numbers)
                                           and torch.equal(state.system_idx.cpu(), system_idx)
                                           and torch.equal(state.cell.detach().cpu(), cell)):
             return True
@@ -85,11 +85,14 @@ class MLPotModel(ModelInterface):
 
     def _build_graph(self, state, positions: np.ndarray) -> None:
         """One graph per system, joined; ``_offset`` moves ``positions`` into the graphs' frame (float64)."""
-        periodic = bool(state.pbc)
+        pbc = _pbc(state)
+        periodic = bool(pbc.any())
         if periodic != self.periodic_model:
             trained = "periodic cells" if self.periodic_model else "isolated molecules (no periodic cell)"
-            raise ValueError(f"this model was trained on {trained} but the TorchSim state has pbc={periodic}; "
+            raise ValueError(f"this model was trained on {trained} but the TorchSim state has pbc={pbc.tolist()}; "
                              f"build the state with pbc={self.periodic_model}")
+        if periodic and not pbc.all():
+            raise ValueError(f"MLPotModel runs molecules or cells periodic in all three directions, got pbc={pbc.tolist()}")
         numbers = state.atomic_numbers.cpu().numpy()
         system_idx = state.system_idx.cpu().numpy()
         cells = state.row_vector_cell.detach().to("cpu", torch.float64).numpy()
@@ -99,14 +102,20 @@ class MLPotModel(ModelInterface):
         graphs, offsets = [], np.zeros_like(positions)
         for b in range(state.n_systems):
             mask = system_idx == b
-            cell, pbc = (cells[b], np.ones(3, dtype=bool)) if periodic else (None, None)
+            cell, cell_pbc = (cells[b], pbc) if periodic else (None, None)
             graphs.append(make_graph(numbers[mask], positions[mask], self.cutoff + max(self.skin, 0.0), cell=cell,
-                                     pbc=pbc, dtype=self._dtype, device=self._device))
-            offsets[mask] = local_positions(positions[mask], cell, pbc) - positions[mask]
+                                     pbc=cell_pbc, dtype=self._dtype, device=self._device))
+            offsets[mask] = local_positions(positions[mask], cell, cell_pbc) - positions[mask]
         self._graph = collate(graphs)
         self._offset = offsets
         self._built_for = (state.atomic_numbers.cpu().clone(), state.system_idx.cpu().clone(),
-                           state.cell.detach().cpu().clone(), periodic, positions.copy())
+                           state.cell.detach().cpu().clone(), pbc, positions.copy())
+
+
+def _pbc(state) -> np.ndarray:
+    """(3,) bool periodic directions of a TorchSim state (one flag in torch-sim 0.3, three in later versions)."""
+    pbc = state.pbc.cpu().numpy() if isinstance(state.pbc, torch.Tensor) else np.asarray(state.pbc)
+    return np.broadcast_to(pbc.astype(bool), (3,)).copy()
 
 
 __all__ = ["MLPotModel"]
