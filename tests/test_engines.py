@@ -108,7 +108,7 @@ def test_ipi_path_integral_md(tmp_path):
     expected = calculator().get_potential_energy(atoms) / units.Hartree / unit_to_internal("energy", "electronvolt", 1.0)
     assert props["potential"][0] == pytest.approx(expected, abs=2e-5)  # i-PI prints 5 decimals here
     assert np.ptp(props["potential"]) > 1e-3 and np.isfinite(props["temperature"]).all()  # the beads moved
-    assert np.ptp(props["conserved"]) < 0.2 * np.ptp(props["potential"])
+    assert np.ptp(props["conserved"]) < 0.05 * np.ptp(props["potential"])  # 0.014 measured
     beads = sorted(tmp_path.glob("ipi.pos_*.xyz"))
     assert len(beads) == 4
     address = (tmp_path / "input.xml").read_text().split("<address>")[1].split("</address>")[0]
@@ -122,6 +122,8 @@ def test_ipi_rejects_a_periodic_structure(tmp_path):
     atoms = ase.build.molecule("CH3CH2OH", vacuum=5.0, pbc=True)
     with pytest.raises(ValueError, match="set atoms.pbc = False"):
         run_path_integral(atoms, calculator(), tmp_path)
+    with pytest.raises(ValueError, match="beads >= 1"):
+        run_path_integral(perturbed_ethanol(), calculator(), tmp_path, beads=0)
 
 
 # --- TorchSim -------------------------------------------------------------------------------------------

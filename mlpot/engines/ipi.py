@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 from ase.calculators.socketio import SocketClient, actualunixsocketname
 
+from mlpot.files import write_text
+
 # what run_path_integral records every step, with i-PI's unit for each (the columns of PREFIX.out)
 PROPERTIES = ("step", "time{femtosecond}", "conserved{electronvolt}", "temperature{kelvin}",
               "potential{electronvolt}", "kinetic_cv{electronvolt}")
@@ -71,17 +73,18 @@ def run_path_integral(atoms, calculator, folder, beads: int = 4, steps: int = 20
     """
     if atoms.pbc.any():
         raise ValueError(f"run_path_integral runs molecules, but the atoms have pbc={atoms.pbc.tolist()}; set atoms.pbc = False")
+    if beads < 1 or steps < 1:
+        raise ValueError(f"run_path_integral needs beads >= 1 and steps >= 1, got beads={beads}, steps={steps}")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     atoms = atoms.copy()
     atoms.calc = calculator
     box = 2 * (np.ptp(atoms.positions, axis=0).max() + 10.0)  # i-PI wants a cell; nothing is periodic
-    with open(folder / "init.xyz", "w") as f:  # i-PI's own xyz dialect: the cell in the comment line
-        f.write(f"{len(atoms)}\n# CELL(abcABC): {box:.4f} {box:.4f} {box:.4f} 90.0 90.0 90.0 positions{{angstrom}}\n")
-        for symbol, (x, y, z) in zip(atoms.get_chemical_symbols(), atoms.positions):
-            f.write(f"{symbol} {x:.10f} {y:.10f} {z:.10f}\n")
+    lines = [str(len(atoms)), f"# CELL(abcABC): {box:.4f} {box:.4f} {box:.4f} 90.0 90.0 90.0 positions{{angstrom}}"]
+    lines += [f"{s} {x:.10f} {y:.10f} {z:.10f}" for s, (x, y, z) in zip(atoms.get_chemical_symbols(), atoms.positions)]
+    write_text(folder / "init.xyz", "\n".join(lines) + "\n")  # i-PI's xyz dialect: the cell in the comment line
     address = f"mlpot-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    (folder / "input.xml").write_text(INPUT.format(
+    write_text(folder / "input.xml", INPUT.format(
         steps=steps, prefix=prefix, properties=", ".join(PROPERTIES), stride=max(1, steps // 10), seed=seed,
         address=address, beads=beads, xyz="init.xyz", temperature=temperature_K, timestep=timestep_fs, tau=tau_fs))
     socket = Path(actualunixsocketname(address))
