@@ -4,8 +4,10 @@ Usage: python benchmarks/torchsim.py [--systems 100] [--steps 20] [--dtype float
 
 TorchSim integrates all replicas in one state, one batched model call per step (mlpot.engines.torchsim);
 ASE runs one VelocityVerlet per replica and one MLPotCalculator evaluates them in turn, one call per
-replica-step. Both start from the same geometries and momenta and use the same 0.5 fs velocity-Verlet
-step, so they follow the same trajectories: the table gives the largest position difference at the end.
+replica-step. Both start from the same geometries and momenta and take the same 0.5 fs velocity-Verlet
+steps, so they follow the same trajectories (the table gives the largest position difference at the end).
+The two engines take their steps in turn, so a machine shared with other jobs slows both alike; the
+table gives wall-clock and CPU time (this process only).
 """
 
 import argparse
@@ -37,45 +39,54 @@ def replicas(count: int, seed: int = 0):
     return systems
 
 
-def run_torchsim(systems, model, steps: int, temperature_K: float, seed: int):
-    """(seconds for ``steps`` NVE steps after one warm-up step, initial momenta, final positions (B*N, 3))."""
-    state = ts.io.atoms_to_state(systems, model.device, model.dtype)
-    kT = torch.tensor(temperature_K * ts.units.MetalUnits.temperature, dtype=model.dtype)
-    dt = torch.tensor(TIMESTEP_FS * 1e-3 * ts.units.MetalUnits.time, dtype=model.dtype)  # ps -> internal
-    init, update = ts.nve(model=model, dt=dt, kT=kT, seed=seed)
-    state = init(state)
-    momenta = state.momenta.clone()
-    start = state.positions.clone()
-    state = update(state)  # warm-up: TorchScript's first calls optimise the graph
-    state.positions, state.momenta = start.clone(), momenta.clone()  # back to the start, so ASE can follow
-    state.forces = model(state)["forces"]
-    tic = time.perf_counter()
-    for _ in range(steps):
-        state = update(state)
-    return time.perf_counter() - tic, momenta.double().numpy(), state.positions.double().numpy()
+class TorchSimRun:
+    """All replicas in one TorchSim state; :meth:`step` is one NVE step of all of them."""
+
+    def __init__(self, systems, model, temperature_K: float, seed: int):
+        self.model = model
+        state = ts.io.atoms_to_state(systems, model.device, model.dtype)
+        kT = torch.tensor(temperature_K * ts.units.MetalUnits.temperature, dtype=model.dtype)
+        dt = torch.tensor(TIMESTEP_FS * 1e-3 * ts.units.MetalUnits.time, dtype=model.dtype)  # ps -> internal
+        init, self.update = ts.nve(model=model, dt=dt, kT=kT, seed=seed)
+        self.state = init(state)
+        self.momenta = self.state.momenta.double().numpy().copy()
+        self.start = self.state.positions.double().numpy().copy()  # as rounded to the state's dtype
+
+    def step(self) -> None:
+        self.state = self.update(self.state)
+
+    def positions(self) -> np.ndarray:
+        return self.state.positions.double().numpy()
 
 
-def run_ase(systems, calculator, momenta: np.ndarray, steps: int):
-    """(seconds for ``steps`` velocity-Verlet steps of every replica in turn, final positions (B*N, 3))."""
-    dyns, forces, offset = [], [], 0
-    for atoms in systems:
-        atoms = atoms.copy()
-        atoms.calc = calculator
-        atoms.set_momenta(momenta[offset:offset + len(atoms)])
-        offset += len(atoms)
-        dyns.append(VelocityVerlet(atoms, timestep=TIMESTEP_FS * units.fs))
-        forces.append(atoms.get_forces(md=True))
-    tic = time.perf_counter()
-    for _ in range(steps):
-        for k, dyn in enumerate(dyns):
-            forces[k] = dyn.step(forces[k])  # one calculator call per replica-step
-    return time.perf_counter() - tic, np.concatenate([dyn.atoms.positions for dyn in dyns])
+class ASERun:
+    """One VelocityVerlet per replica, one calculator for all; :meth:`step` steps every replica in turn."""
+
+    def __init__(self, systems, calculator, positions: np.ndarray, momenta: np.ndarray):
+        self.dyns, self.forces, offset = [], [], 0
+        for atoms in systems:
+            atoms = atoms.copy()
+            n = len(atoms)
+            atoms.positions = positions[offset:offset + n]
+            atoms.calc = calculator
+            atoms.set_momenta(momenta[offset:offset + n])
+            offset += n
+            self.dyns.append(VelocityVerlet(atoms, timestep=TIMESTEP_FS * units.fs))
+            self.forces.append(atoms.get_forces(md=True))
+
+    def step(self) -> None:
+        for k, dyn in enumerate(self.dyns):
+            self.forces[k] = dyn.step(self.forces[k])  # one calculator call per replica-step
+
+    def positions(self) -> np.ndarray:
+        return np.concatenate([dyn.atoms.positions for dyn in self.dyns])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--systems", type=int, default=100)
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps of each engine first (TorchScript optimises its first calls)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--temperature", type=float, default=300.0, help="of the initial momenta, K")
@@ -84,25 +95,29 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     systems = replicas(args.systems)
-    model = MLPotModel(args.model, dtype=args.dtype)
-    ts_seconds, momenta, ts_positions = run_torchsim(systems, model, args.steps, args.temperature, seed=1)
-    # ASE starts from TorchSim's state positions (rounded to its dtype), so both runs see the same numbers
-    start = ts.io.atoms_to_state(systems, model.device, model.dtype).positions.double().numpy()
-    offset = 0
-    for atoms in systems:
-        atoms.positions = start[offset:offset + len(atoms)]
-        offset += len(atoms)
-    ase_seconds, ase_positions = run_ase(systems, MLPotCalculator(args.model, dtype=args.dtype), momenta, args.steps)
+    runs = {"TorchSim + MLPotModel": TorchSimRun(systems, MLPotModel(args.model, dtype=args.dtype), args.temperature, seed=1)}
+    first = runs["TorchSim + MLPotModel"]
+    runs["ASE + MLPotCalculator"] = ASERun(systems, MLPotCalculator(args.model, dtype=args.dtype), first.start, first.momenta)
+    wall, cpu = dict.fromkeys(runs, 0.0), dict.fromkeys(runs, 0.0)
+    for step in range(args.warmup + args.steps):
+        for name, run in runs.items():  # in turn: what else runs on the machine slows both alike
+            tic, tic_cpu = time.perf_counter(), time.process_time()
+            run.step()
+            if step >= args.warmup:
+                wall[name] += time.perf_counter() - tic
+                cpu[name] += time.process_time() - tic_cpu
 
     system_steps = args.systems * args.steps
-    atoms = sum(len(a) for a in systems)
-    print(f"{args.systems} ethanol replicas ({atoms} atoms), NVE {TIMESTEP_FS} fs x {args.steps} steps, "
-          f"{args.dtype}, cpu, torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
-    print(f"{'engine':28s} {'ms/system-step':>15s} {'total s':>9s}")
-    print(f"{'ASE + MLPotCalculator':28s} {1000 * ase_seconds / system_steps:15.3f} {ase_seconds:9.2f}")
-    print(f"{'TorchSim + MLPotModel':28s} {1000 * ts_seconds / system_steps:15.3f} {ts_seconds:9.2f}")
-    print(f"TorchSim speed-up: {ase_seconds / ts_seconds:.1f}x; "
-          f"largest position difference at the end: {np.abs(ase_positions - ts_positions).max():.2e} Å")
+    print(f"{args.systems} ethanol replicas ({sum(len(a) for a in systems)} atoms), NVE {TIMESTEP_FS} fs, "
+          f"{args.steps} timed steps after {args.warmup}, {args.dtype}, cpu, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} thread(s)")
+    print(f"{'engine':24s} {'wall ms/system-step':>20s} {'CPU ms/system-step':>19s}")
+    for name in ("ASE + MLPotCalculator", "TorchSim + MLPotModel"):
+        print(f"{name:24s} {1000 * wall[name] / system_steps:20.3f} {1000 * cpu[name] / system_steps:19.3f}")
+    ase_name, ts_name = "ASE + MLPotCalculator", "TorchSim + MLPotModel"
+    difference = np.abs(runs[ase_name].positions() - first.positions()).max()
+    print(f"TorchSim speed-up: {wall[ase_name] / wall[ts_name]:.2f}x wall, {cpu[ase_name] / cpu[ts_name]:.2f}x CPU; "
+          f"largest position difference at the end: {difference:.2e} Å")
 
 
 if __name__ == "__main__":

@@ -243,3 +243,17 @@ def test_example_runs(name, needs, tmp_path):
     else:
         assert re.search(r"^10 replicas after 10 steps of 0.5 fs: Epot -42\d\d\.\d+ eV", out, flags=re.M), out
         assert re.search(r"ms per system-step", out), out
+
+
+def test_torchsim_benchmark_runs():
+    """benchmarks/torchsim.py in a tiny form: its table, and TorchSim and ASE on the same trajectories."""
+    pytest.importorskip("torch_sim")
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, str(root / "benchmarks" / "torchsim.py"), "--systems", "3", "--steps", "2",
+                           "--warmup", "1", "--dtype", "float64"], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for engine in ("ASE + MLPotCalculator", "TorchSim + MLPotModel"):
+        assert re.search(rf"^{re.escape(engine)}\s+[\d.]+\s+[\d.]+$", done.stdout, flags=re.M), done.stdout
+    difference = float(re.search(r"largest position difference at the end: (\S+) Å", done.stdout).group(1))
+    assert difference < 1e-10, done.stdout
