@@ -145,7 +145,7 @@ def test_torchsim_batch_is_the_calculator_per_system(dtype):
     out = model(state)
     assert out["energy"].shape == (4,) and out["forces"].shape == (36, 3) and out["energy"].dtype == model.dtype
     # the reference sees the state's positions (float32 rounds 40 Å to 4e-6 Å)
-    reference, tol = calculator(dtype), {"float32": (1e-3, 1e-4), "float64": (1e-9, 1e-10)}[dtype]
+    reference, tol = calculator(dtype), {"float32": (1e-3, 1e-5), "float64": (1e-9, 1e-10)}[dtype]  # 0, 6e-7 and 0, 1e-15 measured
     for k, atoms in enumerate(ts.io.state_to_atoms(state)):
         atoms.pbc = False
         assert float(out["energy"][k]) == pytest.approx(reference.get_potential_energy(atoms), abs=tol[0])
