@@ -19,6 +19,7 @@ ALLOWED = {
     "calculators": LEAVES | {"data", "export", "nn"},
     "train": LEAVES | {"data", "models", "nn", "export", "checkpoint"},
     "workflows": LEAVES | {"data", "calculators", "export", "models", "nn", "checkpoint"},
+    "engines": LEAVES | {"data", "calculators", "export"},
     "study": LEAVES | {"data", "models", "nn", "export", "checkpoint", "train", "calculators", "workflows"},
     "cli": None,  # the command line may import everything; nothing imports it
     "commands": None,
