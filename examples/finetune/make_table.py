@@ -10,7 +10,7 @@ frames are correlated; train and validation are drawn from the frames before the
 Fine-tuning starts from deploy/ethanol.pt (``--init``), keeping its E0s (the new energies come from another
 code at the same level of theory: the shipped model is off by a few meV only, while refitting the E0s to the
 new data's mean per-atom energy, ``model.e0s: average``, would ignore the model's own mean output and shift
-every energy by ~80 meV), with a lower learning rate; from scratch uses the recipe's learning rate and
+the test energies by ~90 meV before any step), with a lower learning rate; from scratch uses the recipe's learning rate and
 architecture (training/ethanol-egnn.yaml), E0s ``auto`` (here: average). Writes the table to
 stdout and to DIR/table.md.
 """
