@@ -16,7 +16,7 @@ from mlpot import keys
 from mlpot.data import collate
 from mlpot.train.config import ConfigError, config_from_dict
 from mlpot.train.loop import Trainer, train as run_training
-from mlpot.train.metrics import error_metrics, format_metrics, predict, stress_labels
+from mlpot.train.metrics import error_metrics, format_metrics, stress_labels
 from mlpot.units import EV_PER_A3_TO_GPA
 
 SCHNET = {"num_features": 8, "num_layers": 1}
