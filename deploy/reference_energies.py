@@ -12,7 +12,6 @@ it equals the training set's mean per-atom energy (the ``average`` mode of ``mod
 difference. All other metadata is kept; the file is written atomically; running it again changes nothing.
 """
 
-import re
 import sys
 from pathlib import Path
 

@@ -4,6 +4,7 @@ The frames are rattled, strained 2x2x2 Cu fcc cells (8 atoms) labelled by ASE's 
 """
 
 import json
+import re
 
 import ase.io
 import numpy as np
@@ -16,7 +17,7 @@ from mlpot import keys
 from mlpot.data import collate
 from mlpot.train.config import ConfigError, config_from_dict
 from mlpot.train.loop import Trainer, train as run_training
-from mlpot.train.metrics import error_metrics, format_metrics, predict, stress_labels
+from mlpot.train.metrics import error_metrics, format_metrics, stress_labels
 from mlpot.units import EV_PER_A3_TO_GPA
 
 SCHNET = {"num_features": 8, "num_layers": 1}
@@ -113,13 +114,19 @@ def test_compiled_stress_loss_agrees_with_eager_and_decreases(copper, tmp_path):
     np.testing.assert_allclose(losses, stress_losses(eager, 6), rtol=1e-8)  # the same steps as eager ones
 
 
-def test_training_run_reports_stress(copper, tmp_path):
+def test_training_run_reports_stress(copper, tmp_path, capsys):
+    from mlpot.commands import main
+
     run_dir = tmp_path / "run"
     run_training(config(copper, run_dir, epochs=2, forces_weight=1.0), progress=False)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["test"]["num_structures_with_stress"] == 2 and metrics["test"]["stress_mae_meV_per_A3"] > 0
     assert metrics["val"]["stress_mae_meV_per_A3"] > 0
     assert "val_stress_mae_meV_per_A3" in (run_dir / "log.csv").read_text().splitlines()[0]
+    capsys.readouterr()
+    assert main(["eval", str(run_dir / "model.pt"), str(copper), "--limit", "3"]) == 0
+    printed = capsys.readouterr().out
+    assert re.search(r"stress MAE [0-9.]+ meV/Å\^3 \([0-9.]+ GPa\)", printed), printed
 
 
 def test_stress_metrics_units():
