@@ -18,7 +18,7 @@ from ase import units
 from ase.calculators.emt import EMT
 from ase.calculators.singlepoint import SinglePointCalculator
 from ase.md.langevin import Langevin
-from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
+from ase.md.velocitydistribution import thermalize_momenta
 
 from mlpot.files import atomic_write
 from mlpot.workflows.crystal import strained
@@ -62,7 +62,7 @@ def md(rng, temperature_K: float, count: int, every: int = 20, equilibrate: int 
     """Snapshots every ``every`` steps (5 fs) of Langevin MD with EMT at ``temperature_K``."""
     atoms = cell()
     atoms.calc = EMT()
-    MaxwellBoltzmannDistribution(atoms, temperature_K=temperature_K, rng=rng)
+    thermalize_momenta(atoms, temperature_K, rng=rng)
     dyn = Langevin(atoms, 5 * units.fs, temperature_K=temperature_K, friction=0.02, rng=rng)
     dyn.run(equilibrate)
     frames = []
