@@ -26,7 +26,7 @@ from mlpot.files import atomic_write
 from mlpot.workflows.crystal import strained
 
 HERE = Path(__file__).resolve().parent
-A_SI = 5.43  # Å, the experimental lattice constant: the equation of state frames span GFN1-xTB's own
+A_SI = 5.43  # Å, experiment; GFN1-xTB (Γ only) gives -12 GPa stress here: find its own a0 before a full run
 
 
 def xtb():
