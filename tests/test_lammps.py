@@ -80,11 +80,12 @@ def test_ethanol_in_float32_is_the_calculators_float32(tmp_path):
     assert relative(got["forces"], want["forces"]) <= 1e-4
 
 
-@pytest.fixture(scope="module")
-def copper(tmp_path_factory):
-    """(rattled periodic Cu crystal, a tiny random periodic float64 EGNN deployed for it)."""
+@pytest.fixture(scope="module", params=["egnn", "gcn"])
+def copper(request, tmp_path_factory):
+    """(rattled periodic Cu crystal, a tiny random periodic float64 model deployed for it): the EGNN, and the
+    GCN, whose degree normalisation reaches one cutoff further than its layers."""
     path = tmp_path_factory.mktemp("cu") / "cu.pt"
-    potential = make_tiny_potential("egnn", species=(29,), cutoff=3.0, seed=3)
+    potential = make_tiny_potential(request.param, species=(29,), cutoff=3.0, seed=3)
     export.save(potential, path, periodic=True)
     atoms = ase.build.bulk("Cu", cubic=True).repeat((3, 3, 3))
     atoms.rattle(0.1, seed=1)
@@ -104,7 +105,7 @@ def test_periodic_crystal_in_lammps_equals_the_calculator(copper, copper_on_rank
     assert relative(got["energies"], want["energies"]) <= 1e-8
     assert relative(got["forces"], want["forces"]) <= 1e-8
     assert relative(got["stress"], want["stress"]) <= 1e-7  # LAMMPS's bar per eV/Å^3 has 8 digits
-    assert np.abs(want["stress"]).max() > 1e-4
+    assert np.abs(want["stress"]).max() > 1e-7  # measured: EGNN above 1e-4, the tiny GCN 4e-7 eV/Å^3
 
 
 @pytest.mark.parametrize("ranks", [2, 4])
