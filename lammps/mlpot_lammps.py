@@ -83,8 +83,10 @@ def input_script(model, elements, periodic, dtype="float64", run="run 0", thermo
         "neighbor 1.0 bin",
         "compute pe all pe/atom",
         "compute virial all pressure NULL virial",
-        "variable etotal equal etotal",
-        "thermo_style custom step pe ke etotal c_virial[1] c_virial[2] c_virial[3] c_virial[4] c_virial[5] c_virial[6]",
+        "compute atom_stress all stress/atom NULL virial",
+        "compute summed all reduce sum " + " ".join(f"c_atom_stress[{k}]" for k in range(1, 7)),
+        "thermo_style custom step pe ke etotal vol " + " ".join(f"c_virial[{k}]" for k in range(1, 7))
+        + " " + " ".join(f"c_summed[{k}]" for k in range(1, 7)),
         "thermo_modify format float %.17g norm no",
         f"thermo {thermo_every}",
     ]
@@ -125,7 +127,8 @@ def thermo(log):
 
 def results(folder, log, volume=None):
     """Energy (eV), per-atom energies, forces (eV/Å) sorted by atom id, and the stress in eV/Å^3 (ASE's
-    sign and Voigt order xx yy zz yz xz xy) when ``volume`` is given, of step 0 of a ``run 0``."""
+    sign and Voigt order xx yy zz yz xz xy) when ``volume`` is given, also summed from the per-atom virials
+    (``stress_from_atoms``), of step 0 of a ``run 0``."""
     table = thermo(log)
     lines = Path(folder, "forces.dump").read_text().splitlines()
     start = lines.index(next(line for line in lines if line.startswith("ITEM: ATOMS"))) + 1
@@ -135,4 +138,7 @@ def results(folder, log, volume=None):
     if volume is not None:
         p = [table[f"c_virial[{k}]"][0] for k in range(1, 7)]  # xx yy zz xy xz yz, bar
         out["stress"] = -np.array([p[0], p[1], p[2], p[5], p[4], p[3]]) / NKTV2P
+        # compute stress/atom sums to -(pressure x volume): the same stress from the per-atom virials
+        s = [table[f"c_summed[{k}]"][0] for k in range(1, 7)]
+        out["stress_from_atoms"] = np.array([s[0], s[1], s[2], s[5], s[4], s[3]]) / (NKTV2P * table["Volume"][0])
     return out

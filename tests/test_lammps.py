@@ -105,6 +105,7 @@ def test_periodic_crystal_in_lammps_equals_the_calculator(copper, copper_on_rank
     assert relative(got["energies"], want["energies"]) <= 1e-8
     assert relative(got["forces"], want["forces"]) <= 1e-8
     assert relative(got["stress"], want["stress"]) <= 1e-7  # LAMMPS's bar per eV/Å^3 has 8 digits
+    assert relative(got["stress_from_atoms"], got["stress"]) <= 1e-10  # per-atom virials sum to the virial
     assert np.abs(want["stress"]).max() > 1e-7  # measured: EGNN above 1e-4, the tiny GCN 4e-7 eV/Å^3
 
 
