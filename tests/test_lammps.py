@@ -146,3 +146,10 @@ def test_nve_in_lammps_conserves_energy_as_ase_does(tmp_path):
     assert np.ptp(table["KinEng"]) > 0.2 * kinetic  # it did move
     assert np.ptp(lammps_total) < 0.02 * kinetic
     assert abs(lammps_total[-3:].mean() - lammps_total[:3].mean()) < 0.01 * kinetic
+
+
+def test_an_element_the_model_does_not_know_is_a_one_line_error(tmp_path):
+    atoms = ase.build.bulk("Cu", cubic=True)
+    mlpot_lammps.write_data(tmp_path / "data.lmp", atoms, ["Cu"])
+    with pytest.raises(RuntimeError, match=r"ERROR: pair_coeff mlpot: element Cu \(atom type 1\) is not one this model knows \(H C O\)"):
+        mlpot_lammps.run_lammps(tmp_path, mlpot_lammps.input_script(ETHANOL_MODEL, ["Cu"], True))
