@@ -77,6 +77,12 @@ class MLPotCalculator(Calculator):
         self._graph = None
         self._graph_positions = None
 
+    def rebuild_neighbors(self) -> None:
+        """Forget the results and the neighbour list: the next call computes afresh from the positions alone
+        (a checkpointed MD does this where it checkpoints, so that a resumed run gives the same bits)."""
+        self.reset()
+        self._graph = None
+
     def check_state(self, atoms, tol=1e-15):
         """What changed since the last calculation, among what the model reads (numbers, positions, cell,
         pbc), by exact comparison: ASE's tolerance-based default costs more than a small model's call."""

@@ -220,7 +220,17 @@ def _md_parser(sub) -> Parser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--committee", nargs="+", metavar="MODEL", default=[],
                    help="more deployed models: run with the committee mean and log the force uncertainty")
+    p.add_argument("--checkpoint-interval", type=int, default=200, metavar="STEPS",
+                   help="steps between checkpoints (trajectory frames written, state saved for --resume)")
+    _add_resume_and_overwrite(p)
     return p
+
+
+def _add_resume_and_overwrite(p: Parser) -> None:
+    p.add_argument("--resume", action="store_true",
+                   help="continue the stopped or killed run in the output folder (same options), as if never stopped")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the results already in the output folder (they stay until the new run has finished)")
 
 
 def run_md(args) -> md.MDReport:
@@ -237,7 +247,8 @@ def run_md(args) -> md.MDReport:
         args.timestep, args.ensemble, output_dir=args.output, dtype=args.dtype, device=args.device,
         data_dir=args.data_dir, reference_data=args.reference_data, traj_format=args.format,
         friction_per_fs=args.friction, seed=args.seed, harmonic=not args.no_harmonic, progress=not args.quiet,
-        pressure_bar=args.pressure,
+        pressure_bar=args.pressure, resume=args.resume, overwrite=args.overwrite,
+        checkpoint_interval=args.checkpoint_interval,
     )
     print(md.format_md(report))
     return report

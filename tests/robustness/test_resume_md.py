@@ -1,0 +1,138 @@
+"""``mlpot md`` killed (SIGKILL and SIGTERM, at seeded random moments after a checkpoint) and continued
+with ``--resume`` ends bit for bit where an uninterrupted run ends: the trajectory (positions, momenta,
+energies, forces), the log and the summary (all but its wall times); no kill leaves a file half written.
+"""
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import ase.io
+import numpy as np
+import pytest
+
+from mlpot import commands
+from mlpot.workflows.md import STATE_FILE
+
+from robustness_helpers import perturbed_ethanol, tmp_files
+
+MODEL = Path(__file__).resolve().parents[2] / "deploy" / "ethanol-schnet.pt"  # a trained model: stable MD
+SEED = 20261202
+TIMINGS = ("wall_time_s", "ms_per_step")
+
+pytestmark = pytest.mark.skipif(not MODEL.is_file(), reason=f"needs the shipped {MODEL.name}")
+
+
+def md_args(structure, out, *extra):
+    return ["md", str(MODEL), str(structure), "--time", "80fs", "--timestep", "0.5fs", "--temperature", "300",
+            "--dtype", "float64", "--seed", "7", "--checkpoint-interval", "20", "--no-harmonic", "--quiet",
+            "--output", str(out), *extra]
+
+
+def frames(out: Path):
+    return ase.io.read(out / "md.traj", index=":")
+
+
+def summary(out: Path) -> dict:
+    data = json.loads((out / "summary.json").read_text())
+    return {k: v for k, v in data.items() if k not in TIMINGS}
+
+
+def state_id(out: Path):
+    path = out / STATE_FILE
+    return path.stat().st_ino if path.exists() else None
+
+
+def launch_and_kill(args, out: Path, sig, delay: float) -> str:
+    """Start ``mlpot md`` in a subprocess; ``delay`` s after its next checkpoint, send ``sig``."""
+    before = state_id(out)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "mlpot", *args], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while state_id(out) == before and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(delay)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    return f"{sig.name} after {delay:.2f} s: exit {proc.returncode} {err.decode()[-300:]}"
+
+
+def check_after_kill(out: Path):
+    """A kill may leave only whole files: a loadable state, a readable trajectory, no summary or a whole one."""
+    if (out / STATE_FILE).exists():
+        with open(out / STATE_FILE, "rb") as fh:
+            state = pickle.load(fh)
+        assert len(frames(out)) >= state["frames"], "the trajectory lost frames the checkpoint counted"
+    if (out / "summary.json").exists():
+        json.loads((out / "summary.json").read_text())
+    assert json.loads((out / "run.json").read_text())["seed"] == 7
+
+
+def test_killed_md_resumes_bit_identical(tmp_path):
+    structure = tmp_path / "ethanol.xyz"
+    ase.io.write(structure, perturbed_ethanol(seed=3))
+    reference = tmp_path / "reference"
+    commands.run(md_args(structure, reference))
+
+    rng = np.random.default_rng(SEED)
+    out = tmp_path / "run"
+    kills = []
+    for number, sig in enumerate((signal.SIGKILL, signal.SIGTERM, signal.SIGKILL)):
+        args = md_args(structure, out, *(["--resume"] if number else []))
+        kills.append(launch_and_kill(args, out, sig, float(rng.uniform(0.0, 0.6))))
+        check_after_kill(out)
+    print("kills:", *kills, sep="\n  ")
+    with open(out / STATE_FILE, "rb") as fh:
+        assert not pickle.load(fh)["finished"], f"a kill was meant to land before the end: {kills}"
+
+    report = commands.run(md_args(structure, out, "--resume"))
+    assert report.steps == 160 and report.stable
+    assert tmp_files(out) == []
+    got, want = frames(out), frames(reference)
+    assert len(got) == len(want) == 17
+    for a, b in zip(got, want):
+        assert np.array_equal(a.positions, b.positions) and np.array_equal(a.get_momenta(), b.get_momenta())
+        assert a.get_potential_energy() == b.get_potential_energy()
+        assert np.array_equal(a.get_forces(), b.get_forces())
+    assert (out / "md.log").read_text() == (reference / "md.log").read_text()
+    assert summary(out) | {"files": None} == summary(reference) | {"files": None}
+    assert summary(out)["mean_temperature_K"] == summary(reference)["mean_temperature_K"]
+
+
+def test_existing_output_needs_overwrite_and_keeps_results_until_done(tmp_path, monkeypatch):
+    structure = tmp_path / "ethanol.xyz"
+    ase.io.write(structure, perturbed_ethanol(seed=3))
+    out = tmp_path / "run"
+    args = md_args(structure, out)
+    args[args.index("80fs")] = "10fs"
+    commands.run(args)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(ValueError, match="already holds results; pass --overwrite"):
+        commands.run(args)
+    with pytest.raises(ValueError, match="give one of them"):
+        commands.run([*args, "--overwrite", "--resume"])
+    resumed = [*args, "--resume"]
+    resumed[resumed.index("300")] = "310"
+    with pytest.raises(ValueError, match="started with temperature_K 300.0 \\(now 310.0\\)"):
+        commands.run(resumed)
+
+    import mlpot.workflows.md as md
+
+    def full_disk(*a, **k):
+        raise OSError(27, "File too large", str(out / "md.traj"))
+
+    monkeypatch.setattr(md, "_append_frames", full_disk)
+    with pytest.raises(OSError):
+        commands.run([*args, "--overwrite", "--seed", "8"])
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before, "a failed --overwrite touched the old results"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ethanol.xyz", "run"]
+    monkeypatch.undo()
+    commands.run([*args, "--overwrite", "--seed", "8"])
+    assert json.loads((out / "run.json").read_text())["seed"] == 8
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ethanol.xyz", "run"]
