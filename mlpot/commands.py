@@ -262,12 +262,14 @@ def _relax_parser(sub) -> Parser:
     p.add_argument("--steps", type=int, default=2000, help="maximum optimizer steps")
     p.add_argument("--cell", action="store_true",
                    help="relax the cell as well (ase.filters.FrechetCellFilter; periodic structures only)")
+    _add_resume_and_overwrite(p)
     return p
 
 
 def run_relax(args) -> relax.RelaxResult:
     result = relax.relax_structure(args.model, args.structure, args.fmax, args.optimizer, args.output,
-                                   args.data_dir, args.device, args.steps, cell=args.cell)
+                                   args.data_dir, args.device, args.steps, cell=args.cell, resume=args.resume,
+                                   overwrite=args.overwrite)
     print(relax.format_relax(result))
     return result
 

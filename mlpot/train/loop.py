@@ -554,14 +554,16 @@ def report(cfg: Config, potential, best: dict, test_frames: Frames, history, sto
 
 def deploy(cfg: Config, potential, test_metrics: Dict[str, float]) -> Path:
     """Write ``run_dir/model.pt``: the deployed ``potential`` with the test metrics, the training
-    set's shortest pair distances (which the calculators warn below) and ``periodic: true`` when the
-    training data was periodic (the calculators then take periodic cells)."""
+    set's ranges (shortest pair distances, longest nearest-neighbour distances, compositions: the
+    calculators warn outside them) and ``periodic: true`` when the training data was periodic (the
+    calculators then take periodic cells)."""
     run_dir = Path(cfg.run_dir)
     stats = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=False)["statistics"]
     path = run_dir / "model.pt"
     periodic = {"periodic": True} if stats.get("periodic") else {}
+    ranges = {k: stats[k] for k in ("max_nearest_distances", "training_compositions") if k in stats}
     export.save(potential, path, dataset=cfg.data.dataset, metrics=test_metrics,
-                min_pair_distances=stats.get("min_pair_distances", {}), **periodic)
+                min_pair_distances=stats.get("min_pair_distances", {}), **ranges, **periodic)
     return path
 
 

@@ -43,20 +43,30 @@ def summary(out: Path) -> dict:
     return {k: v for k, v in data.items() if k not in TIMINGS}
 
 
-def state_id(out: Path):
-    path = out / STATE_FILE
+def state_id(out: Path, name: str = STATE_FILE):
+    path = out / name
     return path.stat().st_ino if path.exists() else None
 
 
-def launch_and_kill(args, out: Path, sig, delay: float) -> str:
-    """Start ``mlpot md`` in a subprocess; ``delay`` s after its next checkpoint, send ``sig``."""
-    before = state_id(out)
+def state_step(out: Path, name: str) -> int:
+    try:
+        with open(out / name, "rb") as fh:
+            return pickle.load(fh)["step"]
+    except (FileNotFoundError, EOFError):
+        return -1
+
+
+def launch_and_kill(args, out: Path, sig, delay: float, state: str = STATE_FILE, at_step: int = 0) -> str:
+    """Start ``mlpot md`` (or relax) in a subprocess; ``delay`` s after its next checkpoint (and once the
+    checkpoint has reached ``at_step``), send ``sig``."""
+    before = state_id(out, state)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "mlpot", *args], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
-    while state_id(out) == before and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
+    while ((state_id(out, state) == before or state_step(out, state) < at_step) and proc.poll() is None
+           and time.monotonic() < deadline):
+        time.sleep(0.005)
     time.sleep(delay)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
@@ -136,3 +146,32 @@ def test_existing_output_needs_overwrite_and_keeps_results_until_done(tmp_path, 
     commands.run([*args, "--overwrite", "--seed", "8"])
     assert json.loads((out / "run.json").read_text())["seed"] == 8
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ethanol.xyz", "run"]
+
+
+def relax_args(structure, out, *extra):
+    return ["relax", str(MODEL), str(structure), "--fmax", "1e-4", "--output", str(out), *extra]
+
+
+def log_without_clock(out: Path):
+    """The optimizer log without its wall-clock column."""
+    return [line.split()[:1] + line.split()[3:] for line in (out / "relax.log").read_text().splitlines()]
+
+
+def test_killed_relax_resumes_bit_identical(tmp_path):
+    structure = tmp_path / "ethanol.xyz"
+    ase.io.write(structure, perturbed_ethanol(seed=4, amplitude=0.1))
+    reference = commands.run(relax_args(structure, tmp_path / "reference"))
+    assert reference.converged and reference.steps > 10
+    out = tmp_path / "run"
+    rng = np.random.default_rng(SEED + 1)
+    at_step = int(rng.integers(3, reference.steps // 2))
+    kills = [launch_and_kill(relax_args(structure, out), out, signal.SIGKILL, 0.0, "relax-state.pkl", at_step)]
+    with open(out / "relax-state.pkl", "rb") as fh:
+        assert not pickle.load(fh)["done"], f"the kill was meant to land before the end: {kills}"
+    resumed = commands.run(relax_args(structure, out, "--resume"))
+    assert resumed.steps == reference.steps and resumed.energy_eV == reference.energy_eV
+    assert np.array_equal(resumed.atoms.positions, reference.atoms.positions)
+    assert (out / "relaxed.xyz").read_text() == (tmp_path / "reference" / "relaxed.xyz").read_text()
+    assert log_without_clock(out) == log_without_clock(tmp_path / "reference")
+    with pytest.raises(ValueError, match="--resume needs --optimizer bfgs or lbfgs"):
+        commands.run(relax_args(structure, out, "--resume", "--optimizer", "fire"))
