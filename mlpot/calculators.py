@@ -201,7 +201,7 @@ class MLPotCalculator(Calculator):
         if self._farthest_seen and "far" not in self._warned:
             nearest = np.full(len(atoms), np.inf)
             np.minimum.at(nearest, edge_index[0], dist)
-            limit = np.array([self._farthest_seen.get(int(z), np.inf) for z in atoms.numbers])
+            limit = self._nearest_limit
             beyond = np.nonzero(nearest > limit)[0]
             if len(beyond):
                 k = int(beyond[np.argmax(nearest[beyond] - limit[beyond])])
@@ -220,6 +220,8 @@ class MLPotCalculator(Calculator):
                 break
 
     def _check_composition(self, atoms) -> None:
+        """Warns for a composition never seen; keeps the per-atom nearest-neighbour limits for the calls ahead."""
+        self._nearest_limit = np.array([self._farthest_seen.get(int(z), np.inf) for z in atoms.numbers])
         if not self._compositions_seen or "composition" in self._warned:
             return
         formula = composition(atoms.numbers, bool(atoms.pbc.any()))
@@ -269,6 +271,7 @@ class MLPotCalculator(Calculator):
         """(3N, 3N) Hessian d2E/dR2 in eV/Å^2 by double backward (use float64 for accuracy)."""
         atoms = atoms if atoms is not None else self.atoms
         self._check_input(atoms)
+        self._check_composition(atoms)
         graph = self._graph_of(atoms, all_changes)
         self._check_distances(atoms, graph)
         return self._call("hessian", graph).detach().cpu().double().numpy()
