@@ -10,6 +10,7 @@ from ase.stress import full_3x3_to_voigt_6_stress
 
 from mlpot import export, keys
 from mlpot.data.graph import check_structure, local_positions, make_graph
+from mlpot.data.neighbors import neighbor_list
 from mlpot.data.statistics import composition
 from mlpot.dtypes import DTYPES, dtype_of
 
@@ -155,6 +156,8 @@ class MLPotCalculator(Calculator):
         beyond_list = self.min_distance > self.cutoff
         check_structure(atoms.numbers, atoms.positions, self.species, self.min_distance if beyond_list else 0.0)
         periodic = bool(atoms.pbc.any())
+        if periodic:  # the neighbour list's own check of the cell (zero volume, pbc without a cell), before any use
+            neighbor_list(np.zeros((1, 3)), 1.0, atoms.cell.array, atoms.pbc)
         if self.check_pbc and periodic != self.periodic_model:
             trained = "periodic cells" if self.periodic_model else "isolated molecules (no periodic cell)"
             given = f"pbc={atoms.pbc.tolist()}"

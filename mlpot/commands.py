@@ -118,7 +118,21 @@ def _eval_parser(sub) -> Parser:
     p.add_argument("--limit", type=int, help="evaluate only the first N frames (default: all)")
     p.add_argument("--dtype", choices=DTYPE_NAMES, help="run the model in this precision (default: the file's own)")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    p.add_argument("--device", default="cpu", help="torch device to run the model on, e.g. cpu or cuda")
     return p
+
+
+def checked_device(name: str) -> torch.device:
+    """``name`` as a torch device that exists here; a one-line ValueError otherwise."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a torch device; use e.g. cpu, cuda or cuda:1") from None
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s); use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name}: mlpot runs on cpu or cuda")
+    return device
 
 
 def run_eval(args) -> dict:
@@ -128,7 +142,8 @@ def run_eval(args) -> dict:
     from mlpot.train.metrics import error_metrics, format_metrics, predict
 
     dtype = dtype_of(args.dtype) if args.dtype else None
-    model, meta = export.load(args.model, dtype=dtype)
+    device = checked_device(args.device)
+    model, meta = export.load(args.model, device=str(device), dtype=dtype)
     split = args.split
     if split is None and not Path(args.data).is_file() and args.data not in datasets.SINGLE_FILE_DATASETS:
         split = "test"
@@ -138,7 +153,7 @@ def run_eval(args) -> dict:
     unknown = sorted({int(z) for zs in frames.numbers for z in zs} - set(meta["species"]))
     if unknown:
         raise ValueError(f"the data holds elements {unknown} that the model does not know ({meta['species']})")
-    graphs = frames_to_graphs(frames, meta["cutoff"], dtype or dtype_of(meta["dtype"]))
+    graphs = frames_to_graphs(frames, meta["cutoff"], dtype or dtype_of(meta["dtype"]), device)
     metrics = error_metrics(predict(model, graphs))
     if args.json:
         print(json.dumps(metrics, indent=2))
@@ -160,6 +175,9 @@ def _deploy_parser(sub) -> Parser:
     p.add_argument("--format", choices=["torchscript", "aoti"], default="torchscript",
                    help="torchscript: portable, has Hessians; aoti: torch.export + AOTInductor, native code for this "
                         "machine's CPU, faster, energy and forces only, compiling takes a minute or two")
+    p.add_argument("--device", default="cpu",
+                   help="device to compile for (aoti: native code for it; torchscript files load on any device)")
+    p.add_argument("--overwrite", action="store_true", help="replace MODEL if it exists")
     return p
 
 
@@ -167,9 +185,13 @@ def run_deploy(args) -> dict:
     from mlpot import export
     from mlpot.checkpoint import load_potential
 
+    device = checked_device(args.device)
+    if Path(args.output).exists() and not args.overwrite:
+        raise ValueError(f"{args.output} exists; pass --overwrite to replace it, or choose another -o")
     potential = load_potential(args.checkpoint)
     if args.dtype:
         potential = potential.to(dtype_of(args.dtype))
+    potential = potential.to(device)
     extra = {"dataset": args.dataset} if args.dataset else {}
     try:  # a deployed source file: carry what its metadata recorded (dataset, metrics, periodic...)
         source = export.read_metadata(args.checkpoint)
