@@ -309,13 +309,14 @@ def _vibrations_parser(sub) -> Parser:
                    help="also compute ab initio reference frequencies (auto, the flag alone: the training data's level)")
     p.add_argument("--supercell", type=int, nargs=3, default=[3, 3, 3], metavar="N",
                    help="phonon supercell, periodic structures only")
+    _add_resume_and_overwrite(p)
     return p
 
 
 def run_vibrations(args):
     result = vibrations.run_vibrations(
         args.model, args.structure, args.delta, args.nfree, args.fmax, args.reference, args.output,
-        args.data_dir, args.device, tuple(args.supercell),
+        args.data_dir, args.device, tuple(args.supercell), resume=args.resume, overwrite=args.overwrite,
     )
     if isinstance(result, vibrations.PhononResult):
         print(vibrations.format_phonons(result))

@@ -175,3 +175,34 @@ def test_killed_relax_resumes_bit_identical(tmp_path):
     assert log_without_clock(out) == log_without_clock(tmp_path / "reference")
     with pytest.raises(ValueError, match="--resume needs --optimizer bfgs or lbfgs"):
         commands.run(relax_args(structure, out, "--resume", "--optimizer", "fire"))
+
+
+def test_vibrations_resume_reuses_finished_displacements(tmp_path, monkeypatch):
+    from mlpot.calculators import MLPotCalculator
+
+    structure = tmp_path / "ethanol.xyz"
+    ase.io.write(structure, perturbed_ethanol(seed=5, amplitude=0.02))
+    args = ["vibrations", str(MODEL), str(structure), "--fmax", "1e-3", "--output", str(tmp_path / "vib")]
+    first = commands.run(args)
+    displacements = sorted((tmp_path / "vib" / "displacements").glob("vib-*/cache.*.json"))
+    assert len(displacements) == 1 + 2 * 3 * 9  # the equilibrium and +-delta along every coordinate
+    # a killed run: the last displacements never written, one left half written
+    for path in displacements[-5:]:
+        path.unlink()
+    displacements[0].write_text(displacements[0].read_text()[:20])
+    (tmp_path / "vib" / "vibrations.json").unlink()
+    calculate = MLPotCalculator.calculate
+
+    def resumed():
+        """A resumed run and the number of force calls it made."""
+        calls = []
+        with monkeypatch.context() as patch:
+            patch.setattr(MLPotCalculator, "calculate", lambda self, *a, **k: (calls.append(1), calculate(self, *a, **k)))
+            return commands.run([*args, "--resume"]), len(calls)
+
+    second, redone = resumed()
+    assert np.array_equal(second.fd_cm, first.fd_cm) and np.array_equal(second.hessian_cm, first.hessian_cm)
+    _, nothing_left = resumed()  # the relaxation again, no displacement
+    assert redone - nothing_left == 6, "the resumed run did not redo exactly the 6 missing displacements"
+    with pytest.raises(ValueError, match="already holds results"):
+        commands.run(args)
