@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 from pathlib import Path
@@ -23,6 +24,8 @@ STRUCTURE_HELP = ("molecule (ethanol, toluene, aspirin: the first reference fram
                   "(its first training frame) or structure file ASE reads (its last frame)")
 # exit statuses: a user error (argparse uses 2 too), a run that failed for a numerical reason, Ctrl-C
 EXIT_USER_ERROR, EXIT_RUN_FAILED, EXIT_INTERRUPTED = 2, 1, 130
+# errors of a write the user can fix: no space, a file-size limit (ulimit -f), no permission, a read-only disk
+WRITE_ERRORS = {errno.ENOSPC, errno.EFBIG, errno.EACCES, errno.EPERM, errno.EROFS, errno.EDQUOT}
 
 
 class UsageError(ValueError):
@@ -403,6 +406,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return EXIT_USER_ERROR
     except (ValueError, FileNotFoundError) as error:  # ConfigError is a ValueError
         print(f"{prog}: error: {_one_line(error)}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except OSError as error:  # a full disk, a file-size limit, a read-only folder: the user's to fix
+        if error.errno not in WRITE_ERRORS:
+            raise
+        print(f"{prog}: error: {_one_line(error)} (nothing already written was changed; free some space, raise the "
+              f"file-size limit or write elsewhere)", file=sys.stderr)
         return EXIT_USER_ERROR
     except FloatingPointError as error:
         print(f"{prog}: error: {_one_line(error)}", file=sys.stderr)
