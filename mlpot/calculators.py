@@ -283,8 +283,8 @@ class MLPotCalculator(Calculator):
         """The model's method ``name`` on ``args``. Its first call runs twice: TorchScript's first (profiling)
         run of a method differs from the later ones in the last bits, and no number may depend on whether a
         call was the first (a resumed MD, a calculator used after another)."""
-        method = getattr(self.model, name)
-        if name not in self._warm:
+        method = self.model if name == "forward" else getattr(self.model, name)
+        if name not in self._warm and isinstance(self.model, torch.jit.ScriptModule):
             method(*args)
             self._warm.add(name)
         return method(*args)

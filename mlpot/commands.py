@@ -189,9 +189,9 @@ def run_deploy(args) -> dict:
     from mlpot.checkpoint import load_potential
 
     device = checked_device(args.device)
+    potential = load_potential(args.checkpoint)
     if Path(args.output).exists() and not args.overwrite:
         raise ValueError(f"{args.output} exists; pass --overwrite to replace it, or choose another -o")
-    potential = load_potential(args.checkpoint)
     if args.dtype:
         potential = potential.to(dtype_of(args.dtype))
     potential = potential.to(device)

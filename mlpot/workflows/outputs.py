@@ -18,10 +18,11 @@ OPTIONS_FILE = "run.json"  # the options a run was started with; a resume must g
 def output_folder(out, state_file: str, resume: bool, overwrite: bool, options: dict) -> Iterator[Path]:
     """Yields the folder a workflow writes its results into.
 
-    A new run needs ``out`` to be missing or empty. ``resume`` continues the run whose ``state_file`` is
-    in ``out`` (started with the same ``options``). ``overwrite`` replaces the results in ``out``: the new
-    run writes into a sibling folder that takes the place of ``out`` only once it has finished, so a run
-    that fails (a full disk, a kill) leaves the previous results as they were.
+    A new run needs ``out`` to hold no results of an earlier run (marked by its ``run.json``; other files,
+    such as the inputs, may be there). ``resume`` continues the run whose ``state_file`` is in ``out``
+    (started with the same ``options``). ``overwrite`` replaces the results in ``out``: the new run writes
+    into a sibling folder whose files replace those of the same names in ``out`` only once it has finished,
+    so a run that fails (a full disk, a kill) leaves the previous results as they were.
 
     Raises:
         ValueError: ``out`` holds results and neither ``resume`` nor ``overwrite`` is given, there is
@@ -39,11 +40,11 @@ def output_folder(out, state_file: str, resume: bool, overwrite: bool, options: 
             leftover.unlink()
         yield out
         return
-    if out.is_dir() and any(out.iterdir()):
+    if (out / OPTIONS_FILE).exists() or (out / state_file).exists():
         if not overwrite:
             raise ValueError(f"the output folder {out} already holds results; pass --overwrite to replace them, "
                              f"--resume to continue its run, or choose another --output")
-        staging, old = out.parent / f".{out.name}.overwrite", out.parent / f".{out.name}.old"
+        staging = out.parent / f".{out.name}.overwrite"
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir()
         try:
@@ -52,10 +53,13 @@ def output_folder(out, state_file: str, resume: bool, overwrite: bool, options: 
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out, old)
-        os.replace(staging, out)
-        shutil.rmtree(old, ignore_errors=True)
+        (out / state_file).unlink(missing_ok=True)  # the old run is no longer resumable
+        for entry in sorted(staging.iterdir(), key=lambda p: p.name == OPTIONS_FILE):  # run.json last
+            target = out / entry.name
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            os.replace(entry, target)
+        staging.rmdir()
         return
     if out.exists() and not out.is_dir():
         raise ValueError(f"--output {out} is a file, not a folder; choose a folder")
