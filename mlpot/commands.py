@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 from pathlib import Path
@@ -23,6 +24,8 @@ STRUCTURE_HELP = ("molecule (ethanol, toluene, aspirin: the first reference fram
                   "(its first training frame) or structure file ASE reads (its last frame)")
 # exit statuses: a user error (argparse uses 2 too), a run that failed for a numerical reason, Ctrl-C
 EXIT_USER_ERROR, EXIT_RUN_FAILED, EXIT_INTERRUPTED = 2, 1, 130
+# errors of a write the user can fix: no space, a file-size limit (ulimit -f), no permission, a read-only disk
+WRITE_ERRORS = {errno.ENOSPC, errno.EFBIG, errno.EACCES, errno.EPERM, errno.EROFS, errno.EDQUOT}
 
 
 class UsageError(ValueError):
@@ -133,6 +136,7 @@ def _eval_parser(sub) -> Parser:
     p.add_argument("--committee", nargs="+", metavar="MODEL", default=[],
                    help="with --predict: more deployed models; write the committee mean and spread")
     p.add_argument("--batch-size", type=int, default=32, help="structures per batch with --predict")
+    p.add_argument("--device", default="cpu", help="torch device to run the model on, e.g. cpu or cuda")
     return p
 
 
@@ -147,10 +151,24 @@ def run_predict(args) -> list:
         structures = structures[: args.limit]
     dtype = dtype_of(args.dtype) if args.dtype else None
     results = predict.predict_structures([args.model, *args.committee], structures, dtype=dtype,
+                                         device=str(checked_device(args.device)),
                                          batch_size=args.batch_size, progress=not args.json)
     predict.write_predictions(args.predict, results)
     print(f"wrote predictions for {len(results)} structure(s) to {args.predict}")
     return results
+
+
+def checked_device(name: str) -> torch.device:
+    """``name`` as a torch device that exists here; a one-line ValueError otherwise."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a torch device; use e.g. cpu, cuda or cuda:1") from None
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s); use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name}: mlpot runs on cpu or cuda")
+    return device
 
 
 def run_eval(args) -> dict:
@@ -166,7 +184,8 @@ def run_eval(args) -> dict:
     if args.committee:
         raise UsageError("--committee needs --predict (errors are reported one model at a time)")
     dtype = dtype_of(args.dtype) if args.dtype else None
-    model, meta = export.load(args.model, dtype=dtype)
+    device = checked_device(args.device)
+    model, meta = export.load(args.model, device=str(device), dtype=dtype)
     try:
         frames = datasets.load_dataset(args.data, split=args.split, index=args.index, energy_key=args.energy_key,
                                        forces_key=args.forces_key, stress_key=args.stress_key)
@@ -180,7 +199,7 @@ def run_eval(args) -> dict:
     unknown = sorted({int(z) for zs in frames.numbers for z in zs} - set(meta["species"]))
     if unknown:
         raise ValueError(f"the data holds elements {unknown} that the model does not know ({meta['species']})")
-    graphs = frames_to_graphs(frames, meta["cutoff"], dtype or dtype_of(meta["dtype"]))
+    graphs = frames_to_graphs(frames, meta["cutoff"], dtype or dtype_of(meta["dtype"]), device)
     metrics = error_metrics(predict(model, graphs, stress_ref=stress_labels(frames)))
     if args.json:
         print(json.dumps(metrics, indent=2))
@@ -202,6 +221,9 @@ def _deploy_parser(sub) -> Parser:
     p.add_argument("--format", choices=["torchscript", "aoti"], default="torchscript",
                    help="torchscript: portable, has Hessians; aoti: torch.export + AOTInductor, native code for this "
                         "machine's CPU, faster, energy and forces only, compiling takes a minute or two")
+    p.add_argument("--device", default="cpu",
+                   help="device to compile for (aoti: native code for it; torchscript files load on any device)")
+    p.add_argument("--overwrite", action="store_true", help="replace MODEL if it exists")
     return p
 
 
@@ -209,9 +231,13 @@ def run_deploy(args) -> dict:
     from mlpot import export
     from mlpot.checkpoint import load_potential
 
+    device = checked_device(args.device)
     potential = load_potential(args.checkpoint)
+    if Path(args.output).exists() and not args.overwrite:
+        raise ValueError(f"{args.output} exists; pass --overwrite to replace it, or choose another -o")
     if args.dtype:
         potential = potential.to(dtype_of(args.dtype))
+    potential = potential.to(device)
     extra = {"dataset": args.dataset} if args.dataset else {}
     try:  # a deployed source file: carry what its metadata recorded (dataset, metrics, periodic...)
         source = export.read_metadata(args.checkpoint)
@@ -262,7 +288,17 @@ def _md_parser(sub) -> Parser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--committee", nargs="+", metavar="MODEL", default=[],
                    help="more deployed models: run with the committee mean and log the force uncertainty")
+    p.add_argument("--checkpoint-interval", type=int, default=200, metavar="STEPS",
+                   help="steps between checkpoints (trajectory frames written, state saved for --resume)")
+    _add_resume_and_overwrite(p)
     return p
+
+
+def _add_resume_and_overwrite(p: Parser) -> None:
+    p.add_argument("--resume", action="store_true",
+                   help="continue the stopped or killed run in the output folder (same options), as if never stopped")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the results already in the output folder (they stay until the new run has finished)")
 
 
 def run_md(args) -> md.MDReport:
@@ -279,7 +315,8 @@ def run_md(args) -> md.MDReport:
         args.timestep, args.ensemble, output_dir=args.output, dtype=args.dtype, device=args.device,
         data_dir=args.data_dir, reference_data=args.reference_data, traj_format=args.format,
         friction_per_fs=args.friction, seed=args.seed, harmonic=not args.no_harmonic, progress=not args.quiet,
-        pressure_bar=args.pressure,
+        pressure_bar=args.pressure, resume=args.resume, overwrite=args.overwrite,
+        checkpoint_interval=args.checkpoint_interval,
     )
     print(md.format_md(report))
     return report
@@ -293,12 +330,14 @@ def _relax_parser(sub) -> Parser:
     p.add_argument("--steps", type=int, default=2000, help="maximum optimizer steps")
     p.add_argument("--cell", action="store_true",
                    help="relax the cell as well (ase.filters.FrechetCellFilter; periodic structures only)")
+    _add_resume_and_overwrite(p)
     return p
 
 
 def run_relax(args) -> relax.RelaxResult:
     result = relax.relax_structure(args.model, args.structure, args.fmax, args.optimizer, args.output,
-                                   args.data_dir, args.device, args.steps, cell=args.cell)
+                                   args.data_dir, args.device, args.steps, cell=args.cell, resume=args.resume,
+                                   overwrite=args.overwrite)
     print(relax.format_relax(result))
     return result
 
@@ -316,13 +355,14 @@ def _vibrations_parser(sub) -> Parser:
                    help="also compute ab initio reference frequencies (auto, the flag alone: the training data's level)")
     p.add_argument("--supercell", type=int, nargs=3, default=[3, 3, 3], metavar="N",
                    help="phonon supercell, periodic structures only")
+    _add_resume_and_overwrite(p)
     return p
 
 
 def run_vibrations(args):
     result = vibrations.run_vibrations(
         args.model, args.structure, args.delta, args.nfree, args.fmax, args.reference, args.output,
-        args.data_dir, args.device, tuple(args.supercell),
+        args.data_dir, args.device, tuple(args.supercell), resume=args.resume, overwrite=args.overwrite,
     )
     if isinstance(result, vibrations.PhononResult):
         print(vibrations.format_phonons(result))
@@ -409,6 +449,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return EXIT_USER_ERROR
     except (ValueError, FileNotFoundError) as error:  # ConfigError is a ValueError
         print(f"{prog}: error: {_one_line(error)}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except OSError as error:  # a full disk, a file-size limit, a read-only folder: the user's to fix
+        if error.errno not in WRITE_ERRORS:
+            raise
+        print(f"{prog}: error: {_one_line(error)} (nothing already written was changed; free some space, raise the "
+              f"file-size limit or write elsewhere)", file=sys.stderr)
         return EXIT_USER_ERROR
     except FloatingPointError as error:
         print(f"{prog}: error: {_one_line(error)}", file=sys.stderr)

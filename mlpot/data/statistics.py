@@ -1,10 +1,12 @@
 """Statistics of a training set that a potential is built from: energy shift (E0s), force scale,
-neighbour count, shortest pair distances."""
+neighbour count, shortest pair distances, and the ranges the calculators warn outside of."""
 
+from collections import Counter
 from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 from ase.data import chemical_symbols
+from ase.formula import Formula
 from ase.geometry import get_distances
 
 from mlpot import keys
@@ -81,16 +83,20 @@ def avg_num_neighbors(frames: Frames, cutoff: float) -> float:
     return float(np.mean(counts))
 
 
+def _distance_matrix(positions, cell, pbc) -> np.ndarray:
+    """(N, N) distances, Å (periodic: minimum image)."""
+    if pbc.any():
+        return get_distances(positions, cell=cell, pbc=pbc)[1]
+    diff = positions[None] - positions[:, None]
+    return np.sqrt(np.einsum("ijk,ijk->ij", diff, diff))
+
+
 def min_pair_distances(frames: Frames) -> Dict[str, float]:
     """Shortest distance seen for each element pair, Å, keyed ``"Z1-Z2"`` with Z1 <= Z2 (periodic frames:
     minimum-image distances between distinct atoms)."""
     shortest: Dict[Tuple[int, int], float] = {}
     for numbers, positions, cell, pbc in zip(frames.numbers, frames.positions, frames.cells, frames.pbc):
-        if pbc.any():
-            dist = get_distances(positions, cell=cell, pbc=pbc)[1]
-        else:
-            diff = positions[None] - positions[:, None]
-            dist = np.sqrt(np.einsum("ijk,ijk->ij", diff, diff))
+        dist = _distance_matrix(positions, cell, pbc)
         i, j = np.triu_indices(len(numbers), k=1)
         pairs = np.sort(np.stack([numbers[i], numbers[j]], axis=1), axis=1)
         for pair in np.unique(pairs, axis=0):
@@ -98,6 +104,40 @@ def min_pair_distances(frames: Frames) -> Dict[str, float]:
             key = (int(pair[0]), int(pair[1]))
             shortest[key] = min(shortest.get(key, np.inf), float(dist[i[mask], j[mask]].min()))
     return {f"{a}-{b}": round(d, 4) for (a, b), d in sorted(shortest.items())}
+
+
+def composition(numbers, periodic: bool) -> str:
+    """A structure's composition as the training ranges record it: the Hill formula of a molecule
+    (``"C2H6O"``), the element set of a periodic structure (``"O,Si"``: its size is arbitrary)."""
+    if periodic:
+        return ",".join(sorted({chemical_symbols[int(z)] for z in numbers}))
+    return Formula.from_list([chemical_symbols[int(z)] for z in numbers]).format("hill")
+
+
+def training_ranges(frames: Frames) -> Dict[str, object]:
+    """What the calculators warn outside of (see mlpot.calculators), a pure function of the frames:
+
+    - ``max_nearest_distances``: for each element (keyed ``"Z"``), the longest distance, Å, from one of
+      its atoms to that atom's nearest neighbour (a stretched bond, or positions in bohr, go beyond it);
+    - ``training_compositions``: the sorted distinct compositions (:func:`composition`).
+
+    Element pairs never seen are those missing from :func:`min_pair_distances`.
+    """
+    farthest: Counter = Counter()
+    compositions = set()
+    for numbers, positions, cell, pbc in zip(frames.numbers, frames.positions, frames.cells, frames.pbc):
+        compositions.add(composition(numbers, bool(pbc.any())))
+        if len(numbers) < 2:
+            continue
+        dist = _distance_matrix(positions, cell, pbc)
+        np.fill_diagonal(dist, np.inf)
+        nearest = dist.min(axis=1)
+        for z in np.unique(numbers):
+            farthest[int(z)] = max(farthest.get(int(z), 0.0), float(nearest[numbers == z].max()))
+    return {
+        "max_nearest_distances": {str(z): round(d, 4) for z, d in sorted(farthest.items())},
+        "training_compositions": sorted(compositions),
+    }
 
 
 def fit_statistics(frames: Frames, species: List[int], cutoff: float, e0s="auto") -> Dict[str, object]:
@@ -112,4 +152,5 @@ def fit_statistics(frames: Frames, species: List[int], cutoff: float, e0s="auto"
         "avg_num_neighbors": avg_num_neighbors(frames, cutoff),
         "min_pair_distances": min_pair_distances(frames),
         "periodic": frames.periodic,
+        **training_ranges(frames),
     }

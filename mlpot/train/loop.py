@@ -637,14 +637,15 @@ def report(cfg: Config, potential, best: dict, test_frames: Frames, history, sto
 
 def deploy(cfg: Config, potential, test_metrics: Dict[str, float]) -> Path:
     """Write ``run_dir/model.pt``: the deployed ``potential`` with the test metrics, the training
-    set's shortest pair distances (which the calculators warn below), its E0s (``e0s``: mode and eV per
+    set's ranges (shortest pair distances, longest nearest-neighbour distances, compositions: the
+    calculators warn outside them), its E0s (``e0s``: mode and eV per
     element) and ``periodic: true`` when the training data was periodic (the calculators then take
     periodic cells)."""
     run_dir = Path(cfg.run_dir)
     stats = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=False)["statistics"]
     path = run_dir / "model.pt"
     extra = {"periodic": True} if stats.get("periodic") else {}
-    for key in ("e0s", "init"):  # the reference energies; the file fine-tuning started from
+    for key in ("e0s", "init", "max_nearest_distances", "training_compositions"):  # the reference energies; the file fine-tuning started from
         if key in stats:
             extra[key] = stats[key]
     export.save(potential, path, dataset=cfg.data.dataset, metrics=test_metrics,

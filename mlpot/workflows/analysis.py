@@ -12,6 +12,7 @@ from ase.data import covalent_radii
 
 from mlpot.data.datasets import SINGLE_FILE_DATASETS, data_format, load_dataset
 from mlpot.data.registry import reference_dataset
+from mlpot.files import atomic_write
 
 BOND_SCALE = 1.2  # a bond: closer than this times the sum of the covalent radii
 COLLAPSE_THRESHOLD = 0.5  # Å, Fu et al. 2023 ("Forces are not enough")
@@ -205,6 +206,15 @@ def pyplot():
     return plt
 
 
+def save_figure(fig, path) -> None:
+    """Writes ``fig`` to ``path`` atomically (a kill or a full disk never leaves half a figure) and closes it."""
+    path = Path(path)
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format=path.suffix.lstrip(".") or "png"))
+    finally:
+        pyplot().close(fig)
+
+
 def plot_hr(r, h, h_ref, path, title: str = "") -> None:
     """Draws h(r) of a simulation against the reference ensemble's."""
     plt = pyplot()
@@ -215,8 +225,7 @@ def plot_hr(r, h, h_ref, path, title: str = "") -> None:
     ax.set(xlabel="r (Å)", ylabel="h(r) (1/Å)", title=title, xlim=(0, r[-1] + r[0]))
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 _INTERNAL_UNITS = {"C-C": "Å", "C-O": "Å", "C-C-O": "degrees"}
@@ -233,8 +242,7 @@ def plot_internals(internals: dict, reference: dict, path, title: str = "") -> N
     np.atleast_1d(axes)[0].legend()
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_power_spectrum(wavenumbers, spectrum, path, harmonic_cm=None, title: str = "") -> None:
@@ -254,8 +262,7 @@ def plot_power_spectrum(wavenumbers, spectrum, path, harmonic_cm=None, title: st
            title=title)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _broadened(frequencies_cm, grid, width: float = 10.0) -> np.ndarray:
@@ -280,8 +287,7 @@ def plot_spectrum(fd_cm, hessian_cm, path, reference_cm=None, reference_label: s
     ax_diff.bar(np.arange(1, len(fd_cm) + 1), np.asarray(fd_cm) - np.asarray(hessian_cm), color="tab:purple")
     ax_diff.set(xlabel="mode", ylabel="FD - Hessian (cm$^{-1}$)")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_phonons(path, bands_cm, dos_cm, dos_weights, figure) -> None:
@@ -297,5 +303,4 @@ def plot_phonons(path, bands_cm, dos_cm, dos_weights, figure) -> None:
     ax_dos.plot(dos_weights, dos_cm, color="tab:blue")
     ax_dos.set(xlabel="DOS")
     fig.tight_layout()
-    fig.savefig(figure, dpi=120)
-    plt.close(fig)
+    save_figure(fig, figure)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import pickle
 import re
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -11,7 +13,9 @@ from pathlib import Path
 import ase.io
 import numpy as np
 from ase import Atoms, units
+from ase.calculators.singlepoint import SinglePointCalculator
 from ase.io.trajectory import Trajectory
+from ase.md import MDLogger
 from ase.md.langevin import Langevin
 from ase.md.nose_hoover_chain import IsotropicMTKNPT, NoseHooverChainNVT
 from ase.md.velocitydistribution import Stationary, ZeroRotation, thermalize_momenta
@@ -22,7 +26,9 @@ from mlpot.calculators import load_calculator
 from mlpot.data.datasets import known_datasets
 from mlpot.data.registry import MOLECULES
 from mlpot.dtypes import name_of
+from mlpot.files import atomic_path, atomic_write, write_json
 from mlpot.workflows import analysis
+from mlpot.workflows.outputs import output_folder
 
 ENSEMBLES = ("nve", "langevin", "nose-hoover", "npt")
 _TIME_UNITS_FS = {"fs": 1.0, "ps": 1000.0, "ns": 1e6}
@@ -103,15 +109,64 @@ def make_dynamics(atoms, ensemble, timestep_fs, temperature_K, friction_per_fs=0
     raise ValueError(f"unknown ensemble {ensemble!r}; choose one of {', '.join(ENSEMBLES)}")
 
 
-def _trajectory_writer(atoms, path):
-    """A function writing the current frame to ``path`` (.traj, else extxyz by appending)."""
-    path = Path(path)
-    if path.exists():
-        path.unlink()
+# the run's resumable state, rewritten atomically every ``checkpoint_interval`` steps and at the end
+STATE_FILE = "md-state.pkl"
+RESUMABLE = ("nve", "langevin", "nose-hoover")
+
+
+def _count_frames(path: Path) -> int:
+    if not path.is_file():
+        return 0
     if path.suffix == ".traj":
-        traj = Trajectory(str(path), "w", atoms)
-        return traj.write, traj.close
-    return (lambda: ase.io.write(path, atoms, format="extxyz", append=True)), (lambda: None)
+        with Trajectory(str(path)) as traj:
+            return len(traj)
+    return len(ase.io.read(path, index=":", format="extxyz"))
+
+
+def _append_frames(path: Path, frames, keep: int | None = None) -> None:
+    """Appends ``frames`` to the trajectory ``path`` (.traj, else extxyz) atomically: a copy of the file
+    (its first ``keep`` frames, default all) plus the new frames is renamed onto it."""
+    with atomic_path(path) as tmp:
+        if keep is not None and keep < _count_frames(path):
+            old = ase.io.read(path, index=f":{keep}", format="traj" if path.suffix == ".traj" else "extxyz")
+            frames = [*old, *frames]
+        elif path.is_file():
+            shutil.copyfile(path, tmp)
+        if path.suffix == ".traj":
+            with Trajectory(str(tmp), "a") as traj:
+                for frame in frames:
+                    traj.write(frame)
+        elif frames:
+            ase.io.write(tmp, frames, format="extxyz", append=True)
+
+
+def _frame(atoms: Atoms) -> Atoms:
+    """A copy of the current frame with its energy and forces."""
+    frame = atoms.copy()
+    frame.calc = SinglePointCalculator(frame, energy=atoms.get_potential_energy(), forces=atoms.get_forces())
+    return frame
+
+
+def _thermostat_state(dyn) -> dict:
+    if isinstance(dyn, Langevin):
+        return {"rng": dyn.rng.bit_generator.state}
+    if isinstance(dyn, NoseHooverChainNVT):
+        return {"eta": dyn._thermostat._eta.copy(), "p_eta": dyn._thermostat._p_eta.copy()}
+    return {}
+
+
+def _restore_thermostat(dyn, state: dict) -> None:
+    if isinstance(dyn, Langevin):
+        dyn.rng.bit_generator.state = state["rng"]
+    elif isinstance(dyn, NoseHooverChainNVT):
+        dyn._thermostat._eta[:] = state["eta"]
+        dyn._thermostat._p_eta[:] = state["p_eta"]
+
+
+def read_state(path) -> dict:
+    """The checkpoint of an MD run (see :func:`run_md`)."""
+    with open(path, "rb") as fh:
+        return pickle.load(fh)
 
 
 def _temperature(atoms) -> float:
@@ -137,11 +192,21 @@ def run_md(
     seed: int = 0,
     progress: bool = True,
     pressure_bar: float = 1.0,
+    checkpoint=None,
+    checkpoint_interval: int = 200,
+    resume: bool = False,
 ) -> MDRun:
     """Runs MD from a copy of ``atoms`` with velocities drawn at ``temperature_K``; stops when it collapses.
 
     The run collapses when a bond in ``bonds`` ((B, 2) indices) departs more than ``threshold`` Å from
     ``bond_reference`` ((B,) Å), or when the model refuses the structure (atoms too close, NaN).
+
+    With ``checkpoint`` (a path), every ``checkpoint_interval`` steps the trajectory gets the frames since
+    the last checkpoint (appended atomically), then the checkpoint is rewritten atomically: step, positions,
+    momenta, thermostat state (Langevin's random generator, Nose-Hoover's chain), samples, and the sizes of
+    the trajectory and log. ``resume=True`` continues from it: the log is cut back and the trajectory to
+    what the checkpoint counted, and the run goes on bit for bit as if never stopped (the calculator's
+    neighbour list is rebuilt at every checkpoint in both cases, so no number depends on where it stopped).
 
     Args:
         atoms: starting structure.
@@ -149,7 +214,7 @@ def run_md(
         temperature_K: initial (and thermostat) temperature, K.
         time_fs: simulated time, fs.
         timestep_fs: integration step, fs.
-        ensemble: "nve", "langevin", "nose-hoover" or "npt" (periodic structures only).
+        ensemble: "nve", "langevin", "nose-hoover" or "npt" (periodic structures only; not resumable).
         bonds, bond_reference: the watched bonds and their reference lengths; default: the starting ones.
         threshold: collapse threshold, Å.
         trajectory: .traj or .xyz/.extxyz path written every ``traj_interval`` steps.
@@ -159,54 +224,125 @@ def run_md(
         seed: seed of the initial velocities and the Langevin noise.
         progress: show a tqdm progress bar.
         pressure_bar: the barostat's pressure for "npt", bar.
+        checkpoint, checkpoint_interval, resume: see above.
     """
     check_ensemble(atoms, ensemble)
+    if checkpoint_interval < 1:
+        raise ValueError(f"--checkpoint-interval {checkpoint_interval} must be a positive number of steps")
+    if (checkpoint or resume) and ensemble not in RESUMABLE:
+        raise ValueError(f"--ensemble {ensemble} runs cannot be checkpointed or resumed; use one of {', '.join(RESUMABLE)}")
     atoms = atoms.copy()
     atoms.calc = calc
     if bonds is None:
         bonds = analysis.find_bonds(atoms.numbers, atoms.positions)
     if bond_reference is None:
         bond_reference = analysis.bond_lengths(atoms.positions, bonds)
-    rng = np.random.default_rng(seed)
-    thermalize_momenta(atoms, temperature_K, rng=rng)
-    Stationary(atoms)
-    ZeroRotation(atoms)
     steps = max(1, int(round(time_fs / timestep_fs)))
     sample_interval = sample_interval or max(1, int(round(1.0 / timestep_fs)))
+    trajectory = Path(trajectory) if trajectory else None
+    logfile = Path(logfile) if logfile else None
+    state = read_state(checkpoint) if resume else None
+    if state is None:
+        rng = np.random.default_rng(seed)
+        thermalize_momenta(atoms, temperature_K, rng=rng)
+        Stationary(atoms)
+        ZeroRotation(atoms)
+        samples = {k: [] for k in _SAMPLE_KEYS}
+        collapse_step, reason, wall_before, frames_written, start_step = None, "stable", 0.0, 0, 0
+        for path in (trajectory, logfile):
+            if path is not None and path.exists():
+                path.unlink()
+    else:
+        atoms.set_positions(state["positions"], apply_constraint=False)
+        atoms.set_momenta(state["momenta"], apply_constraint=False)
+        samples = {k: list(v) for k, v in state["samples"].items()}
+        collapse_step, reason, wall_before = state["collapse_step"], state["collapse_reason"], state["wall_time_s"]
+        frames_written, start_step = state["frames"], state["step"]
+        if logfile is not None:
+            with open(logfile, "ab") as fh:
+                fh.truncate(state["log_bytes"])  # lines logged after the checkpoint are logged again
+        if trajectory is not None and _count_frames(trajectory) != frames_written:
+            _append_frames(trajectory, [], keep=frames_written)  # frames past the checkpoint are written again
     dyn = make_dynamics(atoms, ensemble, timestep_fs, temperature_K, friction_per_fs, seed=seed + 1,
-                        pressure_bar=pressure_bar, logfile=str(logfile) if logfile else None, loginterval=log_interval)
-    close = lambda: None  # noqa: E731
-    if trajectory:
-        write, close = _trajectory_writer(atoms, trajectory)
-        dyn.attach(write, interval=traj_interval)
-    samples = {"positions": [], "velocities": [], "times_ps": [], "total_energy_eV": [], "temperature_K": [],
-               "forces_std_max": []}
-    collapse_step, reason = None, "stable"
-    bar = tqdm(total=steps, unit="step", disable=not progress, mininterval=1.0,
-               desc=f"MD {ensemble} {temperature_K:g} K")
+                        pressure_bar=pressure_bar)
+    dyn.nsteps = start_step
+    if state is not None:
+        _restore_thermostat(dyn, state["thermostat"])
+        _rebuild_neighbors(calc)
+    log_handle = open(logfile, "a") if logfile else None
+    if log_handle is not None:
+        dyn.attach(MDLogger(dyn, atoms, log_handle, header=state is None), interval=log_interval)
+    pending = []  # trajectory frames since the last checkpoint
+
+    def save_state(finished: bool) -> None:
+        nonlocal frames_written
+        if trajectory is not None and (pending or not trajectory.exists()):
+            _append_frames(trajectory, pending)
+            frames_written += len(pending)
+            pending.clear()
+        if checkpoint is None:
+            return
+        if log_handle is not None:
+            log_handle.flush()
+        wall = wall_before + time.perf_counter() - start
+        done = {"step": dyn.nsteps, "positions": atoms.positions.copy(), "momenta": atoms.get_momenta(),
+                "thermostat": _thermostat_state(dyn), "samples": {k: list(v) for k, v in samples.items()},
+                "frames": frames_written, "log_bytes": logfile.stat().st_size if logfile else 0,
+                "collapse_step": collapse_step, "collapse_reason": reason, "wall_time_s": wall, "finished": finished}
+        atomic_write(checkpoint, lambda tmp: tmp.write_bytes(pickle.dumps(done)))
+
+    finished = bool(state and state["finished"])
+    bar = tqdm(total=steps, initial=min(start_step, steps), unit="step", disable=not progress or finished,
+               mininterval=1.0, desc=f"MD {ensemble} {temperature_K:g} K")
     start = time.perf_counter()
     try:
-        for _ in dyn.irun(steps):
+        for _ in ([] if finished else dyn.irun(steps - start_step)):
+            if dyn.nsteps == start_step and state is not None:
+                continue  # the step the checkpoint was taken at: already watched, sampled and written
             if _collapsed(atoms, bonds, bond_reference, threshold):
                 collapse_step, reason = dyn.nsteps, f"a bond departed more than {threshold} Å from its reference length"
                 break
             if dyn.nsteps % sample_interval == 0:
                 _sample(samples, atoms, dyn.nsteps * timestep_fs / 1000.0)
+            if trajectory is not None and dyn.nsteps % traj_interval == 0:
+                pending.append(_frame(atoms))
             if dyn.nsteps and dyn.nsteps % 100 == 0:
                 bar.update(100)
                 bar.set_postfix(T=f"{_temperature(atoms):.0f} K", refresh=False)
+            if checkpoint is not None and dyn.nsteps % checkpoint_interval == 0 and 0 < dyn.nsteps < steps:
+                save_state(finished=False)
+                _rebuild_neighbors(calc)
     except ValueError as error:  # the calculator refuses the structure: atoms on top of each other, NaN
         collapse_step, reason = dyn.nsteps + 1, f"the model failed: {error}"
     finally:
-        wall = time.perf_counter() - start
         bar.update(bar.total - bar.n if collapse_step is None else 0)
         bar.close()
-        close()
+    try:
+        if not finished:
+            save_state(finished=True)
+            wall_before = wall_before + time.perf_counter() - start
+    finally:
+        if log_handle is not None:
+            log_handle.close()
         dyn.close()
+    if finished:
+        wall_before = state["wall_time_s"]
     done = collapse_step if collapse_step is not None else dyn.nsteps
     arrays = {k: np.asarray(v) for k, v in samples.items()}
     return MDRun(atoms.numbers.copy(), atoms.get_masses(), timestep_fs, sample_interval, done,
-                 collapse_step=collapse_step, collapse_reason=reason, wall_time_s=wall, **arrays)
+                 collapse_step=collapse_step, collapse_reason=reason, wall_time_s=wall_before, **arrays)
+
+
+def _rebuild_neighbors(calc) -> None:
+    """The next call of ``calc`` computes afresh, with a new neighbour list (as a resumed run does)."""
+    for member in getattr(calc, "members", [calc]):
+        rebuild = getattr(member, "rebuild_neighbors", None)
+        if rebuild is not None:
+            rebuild()
+    calc.reset()
+
+
+_SAMPLE_KEYS = ("positions", "velocities", "times_ps", "total_energy_eV", "temperature_K", "forces_std_max")
 
 
 def _collapsed(atoms: Atoms, bonds, bond_reference, threshold: float) -> bool:
@@ -305,6 +441,9 @@ def simulate(
     harmonic: bool = True,
     progress: bool = True,
     pressure_bar: float = 1.0,
+    resume: bool = False,
+    overwrite: bool = False,
+    checkpoint_interval: int = 200,
 ) -> MDReport:
     """``mlpot md``: MD of a molecule from its reference geometry, compared with its reference ensemble.
 
@@ -322,11 +461,16 @@ def simulate(
         reference_data: dataset name or file of the reference ensemble (default: the molecule's).
         traj_format: "traj" (ASE) or "extxyz".
         harmonic: also draw the Hessian frequencies of the relaxed structure on the power spectrum.
+        resume: continue the killed or stopped run in ``output_dir`` (same options), bit for bit.
+        overwrite: replace the results already in ``output_dir`` (kept until the new run has finished).
+        checkpoint_interval: steps between checkpoints (see :func:`run_md`).
 
     Raises:
         ValueError: the model cannot take the starting structure (e.g. elements it does not know);
             checked before anything is written.
     """
+    if checkpoint_interval < 1:
+        raise ValueError(f"--checkpoint-interval {checkpoint_interval} must be a positive number of steps")
     label = _molecule_label(molecule)
     atoms = analysis.load_structure(molecule, data_dir)
     check_ensemble(atoms, ensemble)
@@ -340,11 +484,24 @@ def simulate(
     except ValueError as error:
         raise ValueError(f"{molecule}: {error}") from None
     out = Path(output_dir or f"mlpot-md-{label}")
-    out.mkdir(parents=True, exist_ok=True)
-    traj_path = out / ("md.traj" if traj_format == "traj" else "md.xyz")
-    run = run_md(atoms, calc, temperature_K, parse_time(time), parse_time(timestep), ensemble, bonds, lengths,
-                 trajectory=traj_path, logfile=out / "md.log", friction_per_fs=friction_per_fs, seed=seed,
-                 progress=progress, pressure_bar=pressure_bar)
+    params = {"model": model, "structure": molecule, "temperature_K": temperature_K, "time": str(time),
+              "timestep": str(timestep), "ensemble": ensemble, "dtype": name_of(calc.dtype), "seed": seed,
+              "friction_per_fs": friction_per_fs, "pressure_bar": pressure_bar, "traj_format": traj_format}
+    with output_folder(out, STATE_FILE, resume, overwrite, params) as work:
+        traj_path = work / ("md.traj" if traj_format == "traj" else "md.xyz")
+        run = run_md(atoms, calc, temperature_K, parse_time(time), parse_time(timestep), ensemble, bonds, lengths,
+                     trajectory=traj_path, logfile=work / "md.log", friction_per_fs=friction_per_fs, seed=seed,
+                     progress=progress, pressure_bar=pressure_bar,
+                     checkpoint=work / STATE_FILE if ensemble in RESUMABLE else None, resume=resume,
+                     checkpoint_interval=checkpoint_interval)
+        return _analyse(run, label, ensemble, temperature_K, time, calc, reference, work, out, harmonic, atoms, model,
+                        device)
+
+
+def _analyse(run, label, ensemble, temperature_K, time, calc, reference, out, final, harmonic, atoms, model, device):
+    """The report of a run, its figures and summary.json in ``out`` (named as in ``final``, the folder they
+    end up in)."""
+    traj_path = out / ("md.traj" if (out / "md.traj").exists() else "md.xyz")
     report = _report(run, label, ensemble, temperature_K, parse_time(time), name_of(calc.dtype))
     report.reference = reference.name if reference else None
     report.files = {"trajectory": str(traj_path), "log": str(out / "md.log")}
@@ -355,8 +512,9 @@ def simulate(
         except Exception as error:  # an untrained or broken model may not relax; the MD numbers still stand
             report.notes.append(f"no harmonic frequencies: {type(error).__name__}: {error}")
     _power_spectrum(run, report, out)
-    (out / "summary.json").write_text(json.dumps(asdict(report), indent=2, default=float))
     report.files["summary"] = str(out / "summary.json")
+    report.files = {name: str(Path(final) / Path(path).name) for name, path in report.files.items()}
+    write_json(out / "summary.json", json.loads(json.dumps(asdict(report), default=float)))
     return report
 
 

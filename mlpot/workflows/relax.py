@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -9,13 +10,18 @@ import ase.io
 import numpy as np
 from ase import Atoms
 from ase.filters import FrechetCellFilter
+from ase.io.formats import filetype
 from ase.optimize import BFGS, FIRE, LBFGS
 
 from mlpot.calculators import load_calculator
 from mlpot.data.registry import MOLECULES
+from mlpot.files import atomic_write
 from mlpot.workflows.analysis import find_bonds, load_structure
+from mlpot.workflows.outputs import output_folder
 
 OPTIMIZERS = {"bfgs": BFGS, "lbfgs": LBFGS, "fire": FIRE}
+RESUMABLE = ("bfgs", "lbfgs")  # their whole state is what ASE's restart files hold (FIRE's is not)
+STATE_FILE = "relax-state.pkl"
 
 
 @dataclass
@@ -74,8 +80,15 @@ def relax(
     logfile=None,
     trajectory=None,
     cell: bool = False,
+    checkpoint=None,
+    resume: bool = False,
 ) -> RelaxResult:
     """Relaxes a copy of ``atoms`` to a local minimum.
+
+    With ``checkpoint`` (a path; bfgs and lbfgs, positions only), the step count, positions, optimizer
+    state (ASE's restart data) and log size are rewritten atomically after every step; ``resume=True``
+    continues from them bit for bit (give ``calc`` a skin of 0, so that no number depends on the history
+    of its neighbour list).
 
     Args:
         atoms: starting structure (left unchanged).
@@ -92,11 +105,30 @@ def relax(
         raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {sorted(OPTIMIZERS)}")
     if cell:
         check_cell_relaxation(atoms)
+    if (checkpoint or resume) and (cell or optimizer.lower() not in RESUMABLE):
+        raise ValueError(f"only position relaxations with {' or '.join(RESUMABLE)} can be checkpointed or resumed "
+                         f"(asked: {optimizer}{', --cell' if cell else ''})")
     atoms = atoms.copy()
     atoms.calc = calc
+    state = None
+    if resume:
+        with open(checkpoint, "rb") as fh:
+            state = pickle.load(fh)
+        atoms.set_positions(state["positions"], apply_constraint=False)
+        if logfile not in (None, "-"):
+            with open(logfile, "ab") as fh:
+                fh.truncate(state["log_bytes"])  # lines logged after the checkpoint are logged again
+    elif logfile not in (None, "-") and Path(logfile).exists():
+        Path(logfile).unlink()
     target = FrechetCellFilter(atoms) if cell else atoms
     opt = OPTIMIZERS[optimizer.lower()](target, logfile=logfile, trajectory=trajectory)
-    converged = bool(opt.run(fmax=fmax, steps=max_steps))
+    if checkpoint:
+        _checkpoint_every_step(opt, atoms, checkpoint, logfile, state)
+    converged = bool(opt.run(fmax=fmax, steps=max_steps - opt.nsteps)) if not (state and state["done"]) else True
+    if state and state["done"]:
+        converged = state["converged"]
+    elif checkpoint:
+        opt.save_state(done=True, converged=converged)
     return RelaxResult(
         atoms=atoms,
         energy_eV=float(atoms.get_potential_energy()),
@@ -108,18 +140,39 @@ def relax(
     )
 
 
+def _checkpoint_every_step(opt, atoms, checkpoint, logfile, state) -> None:
+    """Saves the run after every step (see :func:`relax`); restores ``state`` when given."""
+    saved = {}
+    opt.dump = lambda data: saved.update(optimizer=data)  # ASE's restart data, kept for the checkpoint
+    if state is not None:
+        opt.load = lambda: state["optimizer"]
+        opt.read()
+        opt.nsteps = state["step"]
+        saved["optimizer"] = state["optimizer"]
+
+    def save_state(done=False, converged=False):
+        size = Path(logfile).stat().st_size if logfile not in (None, "-") and Path(logfile).exists() else 0
+        data = {"step": opt.nsteps, "positions": atoms.positions.copy(), "optimizer": saved.get("optimizer"),
+                "log_bytes": size, "done": done, "converged": converged}
+        atomic_write(checkpoint, lambda tmp: tmp.write_bytes(pickle.dumps(data)))
+
+    opt.save_state = save_state
+    opt.attach(save_state, interval=1)
+
+
 def write_structure(result: RelaxResult, path) -> str:
-    """Writes the relaxed structure with its energy and forces (format from the suffix, e.g. .xyz = extxyz)."""
+    """Writes the relaxed structure with its energy and forces (format from the suffix, e.g. .xyz = extxyz),
+    atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    ase.io.write(path, result.atoms)
+    atomic_write(path, lambda tmp: ase.io.write(tmp, result.atoms, format=filetype(str(path), read=False)))
     result.output = str(path)
     return str(path)
 
 
 def relax_structure(
     model, structure: str, fmax: float = 0.01, optimizer: str = "bfgs", output_dir=None, data_dir=None,
-    device: str = "cpu", max_steps: int = 2000, cell: bool = False,
+    device: str = "cpu", max_steps: int = 2000, cell: bool = False, resume: bool = False, overwrite: bool = False,
 ) -> RelaxResult:
     """``mlpot relax``: relaxes a structure with a model in float64 and writes ``relaxed.xyz`` and ``relax.log``.
 
@@ -131,16 +184,26 @@ def relax_structure(
         output_dir: output folder (default ``mlpot-relax-<structure>``).
         data_dir: folder of the reference data (default $MLPOT_DATA_DIR).
         cell: relax the cell too (periodic structures only).
+        resume: continue the stopped or killed relaxation in ``output_dir`` (bfgs or lbfgs, no cell), bit for bit.
+        overwrite: replace the results already in ``output_dir`` (kept until the new run has finished).
     """
     label = structure if structure in MOLECULES else Path(structure).stem
     out = Path(output_dir or f"mlpot-relax-{label}")
     atoms = load_structure(structure, data_dir)
     if cell:  # before anything is written
         check_cell_relaxation(atoms)
-    out.mkdir(parents=True, exist_ok=True)
-    result = relax(atoms, load_calculator(model, "float64", device), fmax, optimizer, max_steps,
-                   logfile=str(out / "relax.log"), cell=cell)
-    write_structure(result, out / "relaxed.xyz")
+    resumable = optimizer.lower() in RESUMABLE and not cell
+    if resume and not resumable:
+        raise ValueError(f"--resume needs --optimizer {' or '.join(RESUMABLE)} and no --cell (asked: {optimizer}"
+                         f"{', --cell' if cell else ''})")
+    calc = load_calculator(model, "float64", device, skin=0.0)  # no neighbour-list history: resumable bit for bit
+    options = {"model": str(model), "structure": structure, "fmax": fmax, "optimizer": optimizer, "steps": max_steps,
+               "cell": cell}
+    with output_folder(out, STATE_FILE, resume, overwrite, options) as work:
+        result = relax(atoms, calc, fmax, optimizer, max_steps, logfile=str(work / "relax.log"), cell=cell,
+                       checkpoint=work / STATE_FILE if resumable else None, resume=resume)
+        write_structure(result, work / "relaxed.xyz")
+    result.output = str(out / "relaxed.xyz")
     return result
 
 

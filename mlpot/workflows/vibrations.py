@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import tempfile
 from dataclasses import dataclass, field
@@ -18,6 +19,8 @@ from mlpot import export
 from mlpot.calculators import load_calculator
 from mlpot.data.registry import MOLECULES
 from mlpot.workflows.analysis import load_structure, plot_phonons, plot_spectrum
+from mlpot.files import atomic_write, write_json
+from mlpot.workflows.outputs import OPTIONS_FILE, output_folder
 from mlpot.workflows.relax import relax
 
 # sqrt(eV / Å^2 / amu) -> eV, as in ase.vibrations
@@ -149,23 +152,35 @@ def zero_point_energy(frequencies_cm) -> float:
     return float(0.5 * frequencies_cm[frequencies_cm > 0].sum() * units.invcm)
 
 
-def finite_difference_hessian(atoms: Atoms, delta: float = 0.005, nfree: int = 2) -> np.ndarray:
+def finite_difference_hessian(atoms: Atoms, delta: float = 0.005, nfree: int = 2, cache=None) -> np.ndarray:
     """(3N, 3N) Hessian in eV/Å^2 from central differences of ``atoms.calc`` forces (ase.vibrations).
 
-    The displacement cache lives in a temporary folder that is removed afterwards.
+    The displacements' forces are cached in a temporary folder removed afterwards or, with ``cache`` (a
+    folder), in ``cache/vib-<key>``, kept: a later call for the same structure (the key is a hash of its
+    numbers and positions, bit for bit, and of ``delta`` and ``nfree``) reuses the displacements finished
+    (those a kill left half written are done again).
     """
-    with tempfile.TemporaryDirectory(prefix="mlpot-vib-") as tmp:
-        vib = Vibrations(atoms, name=str(Path(tmp) / "vib"), delta=delta, nfree=nfree)
-        vib.run()
-        hessian = vib.get_vibrations().get_hessian_2d()
-    return hessian
+    if cache is None:
+        with tempfile.TemporaryDirectory(prefix="mlpot-vib-") as tmp:
+            return finite_difference_hessian(atoms, delta, nfree, tmp)
+    key = hashlib.sha1(atoms.numbers.tobytes() + atoms.positions.tobytes() + repr((delta, nfree)).encode()).hexdigest()
+    folder = Path(cache) / f"vib-{key[:16]}"
+    for done in folder.glob("*.json"):
+        try:
+            json.loads(done.read_text())
+        except ValueError:  # half written by a killed run (or a lock left by it)
+            done.unlink()
+    vib = Vibrations(atoms, name=str(folder), delta=delta, nfree=nfree)
+    vib.run()
+    return vib.get_vibrations().get_hessian_2d()
 
 
-def analyse(atoms: Atoms, calc, delta: float = 0.005, nfree: int = 2, fmax: float = 1e-4) -> VibrationResult:
-    """Relaxes ``atoms`` with ``calc`` (float64) to a minimum; finite-difference and Hessian frequencies there."""
+def analyse(atoms: Atoms, calc, delta: float = 0.005, nfree: int = 2, fmax: float = 1e-4, cache=None) -> VibrationResult:
+    """Relaxes ``atoms`` with ``calc`` (float64) to a minimum; finite-difference and Hessian frequencies there
+    (the displacements cached in ``cache``, see :func:`finite_difference_hessian`)."""
     relaxed, hessian = relax_to_minimum(atoms, calc, fmax, calc.get_hessian)
     notes = [] if relaxed.converged else [f"relaxation stopped at max force {relaxed.max_force_eV_A:.1e} eV/Å"]
-    fd_cm = harmonic_frequencies(relaxed.atoms, finite_difference_hessian(relaxed.atoms, delta, nfree))
+    fd_cm = harmonic_frequencies(relaxed.atoms, finite_difference_hessian(relaxed.atoms, delta, nfree, cache))
     hessian_cm = harmonic_frequencies(relaxed.atoms, hessian)
     if hessian_cm[0] < -IMAGINARY_TOLERANCE_CM:
         notes.append(f"imaginary mode {hessian_cm[0]:.1f} cm^-1 left: a saddle point, not a minimum")
@@ -372,11 +387,15 @@ def run_vibrations(
     data_dir=None,
     device: str = "cpu",
     supercell=(3, 3, 3),
+    resume: bool = False,
+    overwrite: bool = False,
 ):
     """``mlpot vibrations``: float64 relaxation, then harmonic analysis (molecules) or phonons (periodic).
 
     Writes ``relaxed.xyz``, ``spectrum.png`` (or ``phonons.png``) and ``vibrations.json`` into
-    ``output_dir`` (default ``mlpot-vibrations-<structure>``).
+    ``output_dir`` (default ``mlpot-vibrations-<structure>``), and for a molecule the finite-difference
+    displacements' forces into ``displacements/``: ``resume`` (same options) reuses those finished.
+    ``overwrite`` replaces the results of an earlier run (kept until the new one has finished).
 
     Args:
         model: deployed model file.
@@ -392,9 +411,17 @@ def run_vibrations(
     """
     label = structure if structure in MOLECULES else Path(structure).stem
     out = Path(output_dir or f"mlpot-vibrations-{label}")
-    out.mkdir(parents=True, exist_ok=True)
     atoms = load_structure(structure, data_dir)
     calc = load_calculator(model, "float64", device)
+    options = {"model": str(model), "structure": structure, "delta": delta, "nfree": nfree, "fmax": fmax,
+               "reference": reference, "supercell": list(supercell)}
+    with output_folder(out, OPTIONS_FILE, resume, overwrite, options) as work:
+        result = _vibrations_into(work, out, atoms, calc, model, label, delta, nfree, fmax, reference, supercell)
+    return result
+
+
+def _vibrations_into(out, final, atoms, calc, model, label, delta, nfree, fmax, reference, supercell):
+    """The work of :func:`run_vibrations` in the folder ``out`` (files named as in ``final``)."""
     if atoms.pbc.any():
         relaxed = relax(atoms, calc, fmax=fmax)
         result = phonons(relaxed.atoms, calc, supercell, delta=delta, figure=out / "phonons.png")
@@ -402,16 +429,17 @@ def run_vibrations(
         structure_atoms = relaxed.atoms
         result.files = {"figure": str(out / "phonons.png")}
     else:
-        result = analyse(atoms, calc, delta, nfree, fmax)
+        result = analyse(atoms, calc, delta, nfree, fmax, cache=out / "displacements")
         if reference:
             _add_reference(result, model, reference, delta, nfree)
         numbers = _spectrum_outputs(result, out / "spectrum.png", f"{label}: harmonic frequencies")
         structure_atoms = result.atoms
         result.files = {"spectrum": str(out / "spectrum.png")}
     structure_atoms.get_forces()  # the shared calculator's last results may belong to a displaced supercell
-    ase.io.write(out / "relaxed.xyz", structure_atoms)
-    (out / "vibrations.json").write_text(json.dumps(numbers, indent=2, default=lambda a: np.asarray(a).tolist()))
+    atomic_write(out / "relaxed.xyz", lambda tmp: ase.io.write(tmp, structure_atoms, format="extxyz"))
+    write_json(out / "vibrations.json", json.loads(json.dumps(numbers, default=lambda a: np.asarray(a).tolist())))
     result.files.update(structure=str(out / "relaxed.xyz"), numbers=str(out / "vibrations.json"))
+    result.files = {name: str(Path(final) / Path(path).name) for name, path in result.files.items()}
     return result
 
 

@@ -15,6 +15,8 @@ from typing import Callable, Optional
 
 import ase
 import ase.build
+import ase.io
+from ase.calculators.calculator import PropertyNotImplementedError
 import numpy as np
 import pytest
 import torch
@@ -89,6 +91,27 @@ def periodic(atoms):
     atoms.pbc = True
     atoms.center()
     return atoms
+
+
+def with_cell(atoms, cell):
+    atoms.cell = cell
+    atoms.pbc = True
+    return atoms
+
+
+def stress(ctx, atoms, model="periodic"):
+    atoms.calc = MLPotCalculator(getattr(ctx, model), check_pbc=False)
+    return atoms.get_stress()
+
+
+def extxyz_with_stress(ctx, values):
+    """An extxyz file of one periodic ethanol whose stress label (``REF_stress``) has ``values``."""
+    atoms = periodic(perturbed_ethanol())
+    atoms.info["REF_stress"] = np.asarray(values, dtype=float)
+    atoms.info["energy"], atoms.arrays["forces"] = -100.0, np.zeros((len(atoms), 3))
+    path = ctx.tmp / "stress.extxyz"
+    ase.io.write(path, atoms, format="extxyz")
+    return path
 
 
 def npz(ctx, name, **arrays):
@@ -205,6 +228,15 @@ CASES = [
     Case("slab_to_molecular_model",
          lambda c: energy(c, edited_ethanol(lambda a: (periodic(a), a.set_pbc([True, True, False])))),
          ValueError, r"trained on isolated molecules .* pbc=\[True, True, False\]"),
+    Case("zero_volume_cell", lambda c: energy(c, with_cell(perturbed_ethanol(), [[6, 0, 0], [12, 0, 0], [0, 0, 12]]),
+                                              model="periodic"),
+         ValueError, r"periodic boundary conditions need a cell with non-zero volume: .*set atoms\.cell, or atoms\.pbc = False"),
+    Case("pbc_without_cell", lambda c: energy(c, with_cell(perturbed_ethanol(), np.zeros((3, 3))), model="periodic"),
+         ValueError, r"periodic boundary conditions need a cell with non-zero volume"),
+    Case("stress_of_a_slab", lambda c: stress(c, edited_ethanol(lambda a: (periodic(a), a.set_pbc([True, True, False])))),
+         PropertyNotImplementedError, r"stress needs a cell periodic in all three directions, got pbc=\[True, True, False\]"),
+    Case("dataset_stress_wrong_shape", lambda c: read_frames(extxyz_with_stress(c, np.ones(4)), stress_key="REF_stress"),
+         ValueError, r"stress of frame 0 has 4 values, expected 6 \(Voigt\), 9 or 3x3"),
     Case("molecule_to_periodic_model", lambda c: energy(c, perturbed_ethanol(), model="periodic"),
          ValueError, r"trained on periodic cells but the structure has pbc=\[False, False, False\]; .*check_pbc=False"),
     # --- dataset files ---

@@ -1,0 +1,87 @@
+"""A full disk (a file-size limit, ``ulimit -f``) or a read-only folder while md or deploy replace earlier
+results: one line naming the file, exit 2, and the earlier results left exactly as they were."""
+
+import os
+import resource
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import ase.io
+import pytest
+
+from mlpot import checkpoint, commands
+
+from robustness_helpers import perturbed_ethanol, tiny_potential
+
+MODEL = Path(__file__).resolve().parents[2] / "deploy" / "ethanol-schnet.pt"
+LIMIT_BYTES = 16 * 1024
+
+
+def limited(limit_bytes):
+    def start():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead of killing
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
+    return start
+
+
+def mlpot(args, preexec=None):
+    return subprocess.run([sys.executable, "-m", "mlpot", *args], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, preexec_fn=preexec, timeout=300)
+
+
+def snapshot(folder: Path) -> dict:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def assert_one_line(done, *expected):
+    assert done.returncode == 2, done.stderr[-2000:]
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and all(e in lines[0] for e in expected), done.stderr[-2000:]
+
+
+@pytest.mark.skipif(not MODEL.is_file(), reason=f"needs the shipped {MODEL.name}")
+def test_md_overwrite_on_a_full_disk_keeps_the_earlier_results(tmp_path):
+    structure = tmp_path / "ethanol.xyz"
+    ase.io.write(structure, perturbed_ethanol(seed=3))
+    out = tmp_path / "md"
+    args = ["md", str(MODEL), str(structure), "--time", "5fs", "--no-harmonic", "--quiet", "--output", str(out)]
+    commands.run(args)
+    before = snapshot(out)
+    done = mlpot([*args, "--overwrite", "--seed", "9"], limited(LIMIT_BYTES))
+    assert_one_line(done, "mlpot md: error: ", "File too large", "nothing already written was changed")
+    assert snapshot(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ethanol.xyz", "md"], "the half-done new run was left"
+
+
+@pytest.mark.xfail(strict=True, reason="torch.jit.save writing to a path aborts the process (c10::Error 'unexpected pos' "
+                   "thrown from PyTorchStreamWriter's destructor: terminate, exit -6) when the file-size limit is hit; "
+                   "fix in mlpot/export/torchscript.py: torch.jit.save into io.BytesIO, then write the bytes to the "
+                   "temporary file (a Python write raises OSError EFBIG, which mlpot reports in one line)")
+def test_deploy_over_an_existing_file_on_a_full_disk_keeps_it(tmp_path):
+    source = tmp_path / "model.ckpt"
+    checkpoint.save_potential(tiny_potential("schnet"), source, epoch=1)
+    output = tmp_path / "model.pt"
+    commands.run(["deploy", str(source), "-o", str(output)])
+    blob = output.read_bytes()
+    done = mlpot(["deploy", str(source), "-o", str(output), "--overwrite", "--dtype", "float32"], limited(LIMIT_BYTES))
+    assert_one_line(done, "mlpot deploy: error: ", "File too large")
+    assert output.read_bytes() == blob
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.ckpt", "model.pt"]
+    with pytest.raises(ValueError, match="model.pt exists; pass --overwrite"):
+        commands.run(["deploy", str(source), "-o", str(output)])
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a read-only folder anyway (chmod does not stop it)")
+def test_read_only_output_folder_is_one_line(tmp_path):
+    source = tmp_path / "model.ckpt"
+    checkpoint.save_potential(tiny_potential("schnet"), source, epoch=1)
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        done = mlpot(["deploy", str(source), "-o", str(folder / "model.pt")])
+        assert_one_line(done, "mlpot deploy: error: ", "Permission denied")
+    finally:
+        folder.chmod(0o755)
