@@ -22,7 +22,7 @@ from mlpot import export, files, keys
 from mlpot.data import collate
 from mlpot.data.datasets import load_dataset
 from mlpot.data.splits import frames_to_graphs
-from mlpot.data.statistics import composition_matrix, e0_record, energy_shift
+from mlpot.data.statistics import composition_matrix, e0_record, energy_shift, training_ranges
 from mlpot.dtypes import dtype_of
 from mlpot.export.torchscript import potential_from_deployed
 from mlpot.train.config import load_config
@@ -73,7 +73,9 @@ def redeploy(path: Path) -> None:
     old = potential_from_deployed(path)
     shift = old.energy_shift.double().numpy()
     value = float(n @ shift / n.sum())
-    if "e0s" in meta and np.allclose(shift, value, rtol=1e-7, atol=0):
+    ranges = training_ranges(train_frames)
+    current = "e0s" in meta and np.allclose(shift, value, rtol=1e-7, atol=0)
+    if current and all(k in meta for k in ranges) and meta.get("energy_sum") == "float64":
         print(f"{path.name}: already average ({value:.4f} eV), unchanged")
         update_card(path.with_suffix(".md"), card_text(meta, data_average))
         return
@@ -87,6 +89,8 @@ def redeploy(path: Path) -> None:
 
     extra = export.carried_metadata(meta, new)
     extra["e0s"] = e0_record(species, [value] * len(species), "average")
+    extra.update(ranges)  # what the calculators warn outside of (compositions, stretched bonds)
+    extra["energy_sum"] = "float64"  # compiled by today's Potential: energies summed in float64
     tmp = path.with_name(path.stem + ".new.pt")
     export.save(new, tmp, **extra)
     after = predictions(export.load(tmp)[0], graphs)
