@@ -67,7 +67,8 @@ class MLPotModel(ModelInterface):
         graph[keys.POSITIONS] = torch.as_tensor(positions + self._offset, dtype=self._dtype, device=self._device)
         stress = self._compute_stress and bool(_pbc(state).any())
         out = self.model.energy_and_forces(graph, True, False, True) if stress else self.model(graph)
-        results = {"energy": out[keys.ENERGY].detach(), "forces": out[keys.FORCES].detach()}
+        # TorchSim keeps a state in one dtype: the energy (summed in float64) comes back in the model's
+        results = {"energy": out[keys.ENERGY].detach().to(self._dtype), "forces": out[keys.FORCES].detach()}
         if stress:
             volume = torch.linalg.det(graph[keys.CELL]).abs()
             results["stress"] = -out[keys.VIRIAL].detach() / volume[:, None, None]
