@@ -55,8 +55,21 @@ def write_json(path: PathLike, data, indent: int = 2) -> Path:
     return write_text(path, json.dumps(data, indent=indent, ensure_ascii=False) + "\n")
 
 
+def write_bytes(path: PathLike, data: bytes, suffix: str = TMP_SUFFIX) -> Path:
+    """Write ``data`` to ``path`` atomically."""
+    return atomic_write(path, lambda tmp: tmp.write_bytes(data), suffix)
+
+
 def torch_save(obj, path: PathLike) -> Path:
-    """``torch.save`` to ``path`` atomically."""
+    """``torch.save`` to ``path`` atomically.
+
+    Serialised in memory first: torch's C++ file writer aborts the process (``terminate``) when a write
+    fails, e.g. on a full disk, where a Python write raises ``OSError`` that mlpot reports in one line.
+    """
+    import io
+
     import torch
 
-    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return write_bytes(path, buffer.getvalue())

@@ -7,6 +7,7 @@ extra files.
 
 import contextlib
 import copy
+import io
 import json
 import warnings
 from typing import Optional
@@ -15,7 +16,7 @@ import torch
 
 from mlpot.dtypes import dtype_of
 from mlpot.export.metadata import METADATA_FILE, read_metadata
-from mlpot.files import atomic_path
+from mlpot.files import write_bytes
 from mlpot.models import Potential, build_potential
 
 _TORCHSCRIPT_DEPRECATION = r"`torch\.jit\.(script|save|load|trace|trace_method)` is deprecated"
@@ -51,10 +52,13 @@ def compile_potential(potential: Potential) -> torch.jit.ScriptModule:
 
 
 def save_torchscript(potential: Potential, path, meta: dict) -> None:
-    """Compile ``potential`` and write it with ``meta`` to ``path`` atomically."""
+    """Compile ``potential`` and write it with ``meta`` to ``path`` atomically (serialised in memory first:
+    torch's C++ file writer aborts the process when a write fails, see :func:`mlpot.files.torch_save`)."""
     scripted = compile_potential(potential)
-    with atomic_path(path) as tmp, quiet_torchscript():
-        torch.jit.save(scripted, str(tmp), _extra_files={METADATA_FILE: json.dumps(meta, ensure_ascii=False)})
+    buffer = io.BytesIO()
+    with quiet_torchscript():
+        torch.jit.save(scripted, buffer, _extra_files={METADATA_FILE: json.dumps(meta, ensure_ascii=False)})
+    write_bytes(path, buffer.getvalue())
 
 
 def load_torchscript(path, device: str = "cpu", dtype: Optional[torch.dtype] = None) -> torch.jit.ScriptModule:

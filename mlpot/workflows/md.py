@@ -26,7 +26,7 @@ from mlpot.calculators import load_calculator
 from mlpot.data.datasets import known_datasets
 from mlpot.data.registry import MOLECULES
 from mlpot.dtypes import name_of
-from mlpot.files import atomic_path, atomic_write, write_json
+from mlpot.files import atomic_path, write_bytes, write_json
 from mlpot.workflows import analysis
 from mlpot.workflows.outputs import output_folder
 
@@ -289,7 +289,7 @@ def run_md(
                 "thermostat": _thermostat_state(dyn), "samples": {k: list(v) for k, v in samples.items()},
                 "frames": frames_written, "log_bytes": logfile.stat().st_size if logfile else 0,
                 "collapse_step": collapse_step, "collapse_reason": reason, "wall_time_s": wall, "finished": finished}
-        atomic_write(checkpoint, lambda tmp: tmp.write_bytes(pickle.dumps(done)))
+        write_bytes(checkpoint, pickle.dumps(done))
 
     finished = bool(state and state["finished"])
     bar = tqdm(total=steps, initial=min(start_step, steps), unit="step", disable=not progress or finished,

@@ -15,7 +15,7 @@ from ase.optimize import BFGS, FIRE, LBFGS
 
 from mlpot.calculators import load_calculator
 from mlpot.data.registry import MOLECULES
-from mlpot.files import atomic_write
+from mlpot.files import atomic_write, write_bytes
 from mlpot.workflows.analysis import find_bonds, load_structure
 from mlpot.workflows.outputs import output_folder
 
@@ -154,7 +154,7 @@ def _checkpoint_every_step(opt, atoms, checkpoint, logfile, state) -> None:
         size = Path(logfile).stat().st_size if logfile not in (None, "-") and Path(logfile).exists() else 0
         data = {"step": opt.nsteps, "positions": atoms.positions.copy(), "optimizer": saved.get("optimizer"),
                 "log_bytes": size, "done": done, "converged": converged}
-        atomic_write(checkpoint, lambda tmp: tmp.write_bytes(pickle.dumps(data)))
+        write_bytes(checkpoint, pickle.dumps(data))
 
     opt.save_state = save_state
     opt.attach(save_state, interval=1)

@@ -13,7 +13,7 @@ import pytest
 
 from mlpot import checkpoint, commands
 
-from robustness_helpers import perturbed_ethanol, tiny_potential
+from robustness_helpers import make_config, perturbed_ethanol, tiny_potential, tmp_files, write_sgdml_npz, write_yaml
 
 MODEL = Path(__file__).resolve().parents[2] / "deploy" / "ethanol-schnet.pt"
 LIMIT_BYTES = 16 * 1024
@@ -55,10 +55,6 @@ def test_md_overwrite_on_a_full_disk_keeps_the_earlier_results(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ethanol.xyz", "md"], "the half-done new run was left"
 
 
-@pytest.mark.xfail(strict=True, reason="torch.jit.save writing to a path aborts the process (c10::Error 'unexpected pos' "
-                   "thrown from PyTorchStreamWriter's destructor: terminate, exit -6) when the file-size limit is hit; "
-                   "fix in mlpot/export/torchscript.py: torch.jit.save into io.BytesIO, then write the bytes to the "
-                   "temporary file (a Python write raises OSError EFBIG, which mlpot reports in one line)")
 def test_deploy_over_an_existing_file_on_a_full_disk_keeps_it(tmp_path):
     source = tmp_path / "model.ckpt"
     checkpoint.save_potential(tiny_potential("schnet"), source, epoch=1)
@@ -85,3 +81,22 @@ def test_read_only_output_folder_is_one_line(tmp_path):
         assert_one_line(done, "mlpot deploy: error: ", "Permission denied")
     finally:
         folder.chmod(0o755)
+
+
+def test_training_on_a_full_disk_stops_in_one_line_and_resumes(tmp_path):
+    """A checkpoint write that hits the limit: one line, exit 2, the last whole checkpoint kept and resumable."""
+    train_file, test_file = write_sgdml_npz(tmp_path / "train.npz", 14, 0), write_sgdml_npz(tmp_path / "test.npz", 4, 1)
+    run_dir = tmp_path / "run"
+    config = write_yaml(tmp_path / "config.yaml", make_config(train_file, test_file, run_dir, epochs=2))
+    done = mlpot(["train", str(config), "--quiet"])
+    assert done.returncode == 0, done.stderr[-2000:]
+    before = snapshot(run_dir)
+    limit = min(len(before["last.pt"]), len(before["best.pt"])) - 1  # every new checkpoint is too large
+    done = mlpot(["train", "--resume", str(run_dir), "--set", "train.epochs=4", "--quiet"], limited(limit))
+    assert_one_line(done, "mlpot train: error: ", "File too large")
+    after = snapshot(run_dir)
+    for name in ("last.pt", "best.pt"):
+        assert after[name] == before[name], f"{name} was changed by the failed run"
+    assert tmp_files(run_dir) == []
+    done = mlpot(["train", "--resume", str(run_dir), "--set", "train.epochs=4", "--quiet"])
+    assert done.returncode == 0, done.stderr[-2000:]
