@@ -130,6 +130,7 @@ def _eval_parser(sub) -> Parser:
     p.add_argument("--energy-key", default="energy", help="name of the energy label in an ASE file (MACE-style: REF_energy)")
     p.add_argument("--forces-key", default="forces", help="name of the forces label in an ASE file")
     p.add_argument("--stress-key", default="stress", help="name of the stress label in an ASE file")
+    p.add_argument("--stress-unit", default="eV/A^3", help="unit of the file's stresses: eV/A^3, GPa, kbar or bar")
     p.add_argument("--predict", metavar="OUT.extxyz",
                    help="write predictions (energy, forces, per-atom energies, stress of periodic cells; "
                         "committee spreads) for every structure, labelled or not, to this extended XYZ file")
@@ -188,7 +189,8 @@ def run_eval(args) -> dict:
     model, meta = export.load(args.model, device=str(device), dtype=dtype)
     try:
         frames = datasets.load_dataset(args.data, split=args.split, index=args.index, energy_key=args.energy_key,
-                                       forces_key=args.forces_key, stress_key=args.stress_key)
+                                       forces_key=args.forces_key, stress_key=args.stress_key,
+                                       stress_unit=args.stress_unit)
     except datasets.MissingLabelError as error:
         raise ValueError(
             f"{error.what}: name the label with --energy-key/--forces-key, or write predictions for "

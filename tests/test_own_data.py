@@ -120,6 +120,18 @@ def test_renamed_keys_are_read(tmp_path):
     np.testing.assert_array_equal(frames.weights, [1.0, 2.0, 3.0])
 
 
+@pytest.mark.parametrize("unit, per_ev_a3", [("GPa", 160.21766208), ("kbar", 1602.1766208)])
+def test_stress_in_gpa_or_kbar_is_converted(tmp_path, unit, per_ev_a3):
+    images = emt_bulk(3)
+    path = write_ref_keys(tmp_path / "ref.extxyz", images)
+    in_unit = ase.io.read(path, index=":")
+    for atoms in in_unit:
+        atoms.info["REF_stress"] = atoms.info["REF_stress"] * per_ev_a3
+    ase.io.write(path, in_unit, format="extxyz")
+    frames = read_frames(path, energy_key="REF_energy", forces_key="REF_forces", stress_key="REF_stress", stress_unit=unit)
+    np.testing.assert_allclose(frames.stress[2], images[2].get_stress(voigt=False), rtol=1e-9, atol=1e-12)
+
+
 def test_missing_key_error_names_the_files_keys(tmp_path):
     path = write_ref_keys(tmp_path / "ref.extxyz", emt_bulk(2))
     with pytest.raises(ValueError, match=r"frame 0 has no 'energy'; it has info keys \[.*'REF_energy'.*\], "

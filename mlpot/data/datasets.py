@@ -247,6 +247,9 @@ def _as_atomic_numbers(numbers, frame: int, where: str) -> np.ndarray:
 
 
 ENERGY_UNITS = {"eV": 1.0, "kcal/mol": KCAL_PER_MOL_TO_EV}
+# stress units of a file -> eV/Å^3 (ASE's and mlpot's unit); GPa and kbar are what DFT codes print
+STRESS_UNITS = {"eV/A^3": 1.0, "GPa": ase.units.GPa, "kbar": 1000 * ase.units.bar, "bar": ase.units.bar}
+MAX_PLAUSIBLE_STRESS = 1.0  # eV/Å^3 (160 GPa): beyond it a stress is almost surely in GPa, kbar or bar
 
 
 def _max_plausible_energy(numbers: np.ndarray) -> float:
@@ -287,6 +290,7 @@ def read_frames(
     energy_key: str = "energy",
     forces_key: str = "forces",
     stress_key: str = "stress",
+    stress_unit: str = "eV/A^3",
 ) -> Frames:
     """Reads labelled structures from a file and converts them to eV and Å.
 
@@ -303,6 +307,8 @@ def read_frames(
             or calculator results (MACE-style files: ``REF_energy``, ``REF_forces``, ``REF_stress``).
             Stress (or ``virial``, read as stress = -virial/V) is optional; cell, pbc and a per-frame
             ``weight``/``config_weight`` are read too.
+        stress_unit: unit of the file's stresses: "eV/A^3" (ASE's, the default), "GPa", "kbar" or "bar";
+            a stress beyond 1 eV/Å^3 (160 GPa) after conversion is taken for a wrong unit (ValueError).
 
     Raises:
         FileNotFoundError: If the file does not exist.
@@ -314,6 +320,8 @@ def read_frames(
     name = path.stem if name is None else name
     if units is not None and units not in ENERGY_UNITS:
         raise ValueError(f"unknown energy unit {units!r} for {path}; use one of {sorted(ENERGY_UNITS)}")
+    if stress_unit not in STRESS_UNITS:
+        raise ValueError(f"unknown stress unit {stress_unit!r} for {path}; use one of {', '.join(STRESS_UNITS)}")
     if data_format(path) == "npz":
         frames = _read_npz(path, name)
         default = "kcal/mol"
@@ -326,6 +334,9 @@ def read_frames(
         frames.forces = [f * factor for f in frames.forces]
         if frames.stress is not None:
             frames.stress = frames.stress * factor
+    if frames.stress is not None:
+        frames.stress = frames.stress * STRESS_UNITS[stress_unit]
+        _check_stress_unit(frames.stress, path, stress_unit)
     bounds = np.array([_max_plausible_energy(z) for z in frames.numbers])
     worst = int(np.argmax(np.abs(frames.energy) / bounds))
     if abs(frames.energy[worst]) > bounds[worst]:
@@ -335,6 +346,19 @@ def read_frames(
             f"the file's energy unit is probably wrong (pass units=...)"
         )
     return frames
+
+
+def _check_stress_unit(stress: np.ndarray, path: Path, unit: str) -> None:
+    """ValueError (one line) when a stress is too large to be in ``unit``."""
+    largest = np.abs(stress).reshape(len(stress), -1).max(axis=1)
+    worst = int(np.argmax(largest))
+    if largest[worst] > MAX_PLAUSIBLE_STRESS:
+        others = ", ".join(u for u in STRESS_UNITS if u != unit)
+        raise ValueError(
+            f"{path}: frame {worst} has a stress of {largest[worst]:.4g} eV/Å^3 ({largest[worst] / ase.units.GPa:.4g} GPa) "
+            f"read as {unit}, beyond any plausible stress; give the file's stress unit with data.stress_unit "
+            f"(--stress-unit): one of {others}"
+        )
 
 
 def _read_npz(path: Path, name: str) -> Frames:

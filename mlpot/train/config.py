@@ -36,6 +36,7 @@ class DataConfig:
     energy_key: str = "energy"
     forces_key: str = "forces"
     stress_key: str = "stress"
+    stress_unit: str = "eV/A^3"  # of the file's stresses: eV/A^3 (ASE's), GPa, kbar or bar
 
 
 @dataclass

@@ -54,7 +54,7 @@ def _load(name_or_path: str, split: Optional[str], cfg: Config, key: str = "data
     try:
         return load_dataset(name_or_path, split=split, index=cfg.data.index, data_dir=cfg.data.data_dir,
                             energy_key=cfg.data.energy_key, forces_key=cfg.data.forces_key,
-                            stress_key=cfg.data.stress_key)
+                            stress_key=cfg.data.stress_key, stress_unit=cfg.data.stress_unit)
     except (FileNotFoundError, ValueError) as err:
         raise ConfigError(f"{key}: {err}") from None
 

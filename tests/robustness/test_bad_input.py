@@ -237,6 +237,16 @@ CASES = [
          PropertyNotImplementedError, r"stress needs a cell periodic in all three directions, got pbc=\[True, True, False\]"),
     Case("dataset_stress_wrong_shape", lambda c: read_frames(extxyz_with_stress(c, np.ones(4)), stress_key="REF_stress"),
          ValueError, r"stress of frame 0 has 4 values, expected 6 \(Voigt\), 9 or 3x3"),
+    # a stress in GPa (a few GPa) read as eV/Å^3, and one in kbar read as GPa
+    Case("dataset_stress_in_gpa", lambda c: read_frames(extxyz_with_stress(c, [2.5, 2.5, 2.5, 0, 0, 0]), stress_key="REF_stress"),
+         ValueError, r"frame 0 has a stress of 2\.5 eV/Å\^3 \(400\.5 GPa\) read as eV/A\^3, beyond any plausible stress; "
+                     r"give the file's stress unit with data\.stress_unit \(--stress-unit\): one of GPa, kbar, bar"),
+    Case("dataset_stress_in_kbar_read_as_gpa", lambda c: read_frames(extxyz_with_stress(c, [-250.0, -250.0, -250.0, 0, 0, 0]),
+                                                                     stress_key="REF_stress", stress_unit="GPa"),
+         ValueError, r"stress of 1\.56 eV/Å\^3 \(250 GPa\) read as GPa"),
+    Case("dataset_unknown_stress_unit", lambda c: read_frames(extxyz_with_stress(c, np.zeros(6)), stress_key="REF_stress",
+                                                              stress_unit="Pa"),
+         ValueError, r"unknown stress unit 'Pa' for .*stress\.extxyz; use one of eV/A\^3, GPa, kbar, bar"),
     Case("molecule_to_periodic_model", lambda c: energy(c, perturbed_ethanol(), model="periodic"),
          ValueError, r"trained on periodic cells but the structure has pbc=\[False, False, False\]; .*check_pbc=False"),
     # --- dataset files ---
