@@ -111,7 +111,6 @@ def make_dynamics(atoms, ensemble, timestep_fs, temperature_K, friction_per_fs=0
 
 # the run's resumable state, rewritten atomically every ``checkpoint_interval`` steps and at the end
 STATE_FILE = "md-state.pkl"
-RESUMABLE = ("nve", "langevin", "nose-hoover")
 
 
 def _count_frames(path: Path) -> int:
@@ -147,20 +146,36 @@ def _frame(atoms: Atoms) -> Atoms:
     return frame
 
 
+# the barostat's state in ASE's IsotropicMTKNPT: the cell is cell0 exp(eps), its momentum p_eps
+_BAROSTAT_STATE = ("_eps", "_p_eps", "_cell0", "_volume0")
+
+
 def _thermostat_state(dyn) -> dict:
+    """The integrator's own state beyond positions and momenta (random generator, chains, barostat)."""
     if isinstance(dyn, Langevin):
         return {"rng": dyn.rng.bit_generator.state}
-    if isinstance(dyn, NoseHooverChainNVT):
-        return {"eta": dyn._thermostat._eta.copy(), "p_eta": dyn._thermostat._p_eta.copy()}
-    return {}
+    state = {}
+    if isinstance(dyn, (NoseHooverChainNVT, IsotropicMTKNPT)):
+        state.update(eta=dyn._thermostat._eta.copy(), p_eta=dyn._thermostat._p_eta.copy())
+    if isinstance(dyn, IsotropicMTKNPT):
+        state.update(xi=dyn._barostat._xi.copy(), p_xi=dyn._barostat._p_xi.copy(),
+                     **{name: np.copy(getattr(dyn, name)) for name in _BAROSTAT_STATE})
+    return state
 
 
 def _restore_thermostat(dyn, state: dict) -> None:
     if isinstance(dyn, Langevin):
         dyn.rng.bit_generator.state = state["rng"]
-    elif isinstance(dyn, NoseHooverChainNVT):
+        return
+    if isinstance(dyn, (NoseHooverChainNVT, IsotropicMTKNPT)):
         dyn._thermostat._eta[:] = state["eta"]
         dyn._thermostat._p_eta[:] = state["p_eta"]
+    if isinstance(dyn, IsotropicMTKNPT):
+        dyn._barostat._xi[:] = state["xi"]
+        dyn._barostat._p_xi[:] = state["p_xi"]
+        for name in _BAROSTAT_STATE:
+            value = state[name]
+            setattr(dyn, name, value.copy() if value.ndim else float(value))
 
 
 def read_state(path) -> dict:
@@ -203,7 +218,8 @@ def run_md(
 
     With ``checkpoint`` (a path), every ``checkpoint_interval`` steps the trajectory gets the frames since
     the last checkpoint (appended atomically), then the checkpoint is rewritten atomically: step, positions,
-    momenta, thermostat state (Langevin's random generator, Nose-Hoover's chain), samples, and the sizes of
+    cell, momenta, thermostat state (Langevin's random generator, Nose-Hoover's chains, the barostat's
+    strain and its chain), samples, and the sizes of
     the trajectory and log. ``resume=True`` continues from it: the log is cut back and the trajectory to
     what the checkpoint counted, and the run goes on bit for bit as if never stopped (the calculator's
     neighbour list is rebuilt at every checkpoint in both cases, so no number depends on where it stopped).
@@ -214,7 +230,7 @@ def run_md(
         temperature_K: initial (and thermostat) temperature, K.
         time_fs: simulated time, fs.
         timestep_fs: integration step, fs.
-        ensemble: "nve", "langevin", "nose-hoover" or "npt" (periodic structures only; not resumable).
+        ensemble: "nve", "langevin", "nose-hoover" or "npt" (periodic structures only).
         bonds, bond_reference: the watched bonds and their reference lengths; default: the starting ones.
         threshold: collapse threshold, Å.
         trajectory: .traj or .xyz/.extxyz path written every ``traj_interval`` steps.
@@ -229,8 +245,6 @@ def run_md(
     check_ensemble(atoms, ensemble)
     if checkpoint_interval < 1:
         raise ValueError(f"--checkpoint-interval {checkpoint_interval} must be a positive number of steps")
-    if (checkpoint or resume) and ensemble not in RESUMABLE:
-        raise ValueError(f"--ensemble {ensemble} runs cannot be checkpointed or resumed; use one of {', '.join(RESUMABLE)}")
     atoms = atoms.copy()
     atoms.calc = calc
     if bonds is None:
@@ -253,6 +267,8 @@ def run_md(
             if path is not None and path.exists():
                 path.unlink()
     else:
+        if state.get("cell") is not None:
+            atoms.set_cell(state["cell"], scale_atoms=False)
         atoms.set_positions(state["positions"], apply_constraint=False)
         atoms.set_momenta(state["momenta"], apply_constraint=False)
         samples = {k: list(v) for k, v in state["samples"].items()}
@@ -285,7 +301,8 @@ def run_md(
         if log_handle is not None:
             log_handle.flush()
         wall = wall_before + time.perf_counter() - start
-        done = {"step": dyn.nsteps, "positions": atoms.positions.copy(), "momenta": atoms.get_momenta(),
+        done = {"step": dyn.nsteps, "positions": atoms.positions.copy(), "cell": atoms.cell.array.copy(),
+                "momenta": atoms.get_momenta(),
                 "thermostat": _thermostat_state(dyn), "samples": {k: list(v) for k, v in samples.items()},
                 "frames": frames_written, "log_bytes": logfile.stat().st_size if logfile else 0,
                 "collapse_step": collapse_step, "collapse_reason": reason, "wall_time_s": wall, "finished": finished}
@@ -492,7 +509,7 @@ def simulate(
         run = run_md(atoms, calc, temperature_K, parse_time(time), parse_time(timestep), ensemble, bonds, lengths,
                      trajectory=traj_path, logfile=work / "md.log", friction_per_fs=friction_per_fs, seed=seed,
                      progress=progress, pressure_bar=pressure_bar,
-                     checkpoint=work / STATE_FILE if ensemble in RESUMABLE else None, resume=resume,
+                     checkpoint=work / STATE_FILE, resume=resume,
                      checkpoint_interval=checkpoint_interval)
         return _analyse(run, label, ensemble, temperature_K, time, calc, reference, work, out, harmonic, atoms, model,
                         device)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,7 @@ from mlpot.workflows.analysis import find_bonds, load_structure
 from mlpot.workflows.outputs import output_folder
 
 OPTIMIZERS = {"bfgs": BFGS, "lbfgs": LBFGS, "fire": FIRE}
-RESUMABLE = ("bfgs", "lbfgs")  # their whole state is what ASE's restart files hold (FIRE's is not)
+_FIRE_STATE = ("vel", "dt", "a", "Nsteps")  # FIRE's whole state (ASE's restart data holds only vel and dt)
 STATE_FILE = "relax-state.pkl"
 
 
@@ -85,10 +86,10 @@ def relax(
 ) -> RelaxResult:
     """Relaxes a copy of ``atoms`` to a local minimum.
 
-    With ``checkpoint`` (a path; bfgs and lbfgs, positions only), the step count, positions, optimizer
-    state (ASE's restart data) and log size are rewritten atomically after every step; ``resume=True``
-    continues from them bit for bit (give ``calc`` a skin of 0, so that no number depends on the history
-    of its neighbour list).
+    With ``checkpoint`` (a path), the step count, positions, cell (and the cell filter's reference cell),
+    optimizer state (BFGS's and LBFGS's restart data; FIRE's velocities, step size, mixing and step
+    count) and log size are rewritten atomically after every step; ``resume=True`` continues from them
+    bit for bit (give ``calc`` a skin of 0, so that no number depends on the history of its neighbour list).
 
     Args:
         atoms: starting structure (left unchanged).
@@ -105,25 +106,27 @@ def relax(
         raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {sorted(OPTIMIZERS)}")
     if cell:
         check_cell_relaxation(atoms)
-    if (checkpoint or resume) and (cell or optimizer.lower() not in RESUMABLE):
-        raise ValueError(f"only position relaxations with {' or '.join(RESUMABLE)} can be checkpointed or resumed "
-                         f"(asked: {optimizer}{', --cell' if cell else ''})")
     atoms = atoms.copy()
     atoms.calc = calc
     state = None
     if resume:
         with open(checkpoint, "rb") as fh:
             state = pickle.load(fh)
+        if state.get("cell") is not None:
+            atoms.set_cell(state["cell"], scale_atoms=False)
         atoms.set_positions(state["positions"], apply_constraint=False)
         if logfile not in (None, "-"):
             with open(logfile, "ab") as fh:
                 fh.truncate(state["log_bytes"])  # lines logged after the checkpoint are logged again
     elif logfile not in (None, "-") and Path(logfile).exists():
         Path(logfile).unlink()
+    # the filter's coordinates are strains from its reference cell: a resumed run keeps the first run's
     target = FrechetCellFilter(atoms) if cell else atoms
+    if cell and state is not None:
+        target.orig_cell = state["orig_cell"]
     opt = OPTIMIZERS[optimizer.lower()](target, logfile=logfile, trajectory=trajectory)
     if checkpoint:
-        _checkpoint_every_step(opt, atoms, checkpoint, logfile, state)
+        _checkpoint_every_step(opt, atoms, target, checkpoint, logfile, state)
     converged = bool(opt.run(fmax=fmax, steps=max_steps - opt.nsteps)) if not (state and state["done"]) else True
     if state and state["done"]:
         converged = state["converged"]
@@ -140,20 +143,27 @@ def relax(
     )
 
 
-def _checkpoint_every_step(opt, atoms, checkpoint, logfile, state) -> None:
+def _checkpoint_every_step(opt, atoms, target, checkpoint, logfile, state) -> None:
     """Saves the run after every step (see :func:`relax`); restores ``state`` when given."""
     saved = {}
     opt.dump = lambda data: saved.update(optimizer=data)  # ASE's restart data, kept for the checkpoint
+    fire = isinstance(opt, FIRE)
     if state is not None:
-        opt.load = lambda: state["optimizer"]
-        opt.read()
+        if fire:
+            for name in _FIRE_STATE:
+                setattr(opt, name, state["optimizer"][name])
+        else:
+            opt.load = lambda: state["optimizer"]
+            opt.read()
         opt.nsteps = state["step"]
         saved["optimizer"] = state["optimizer"]
 
     def save_state(done=False, converged=False):
         size = Path(logfile).stat().st_size if logfile not in (None, "-") and Path(logfile).exists() else 0
-        data = {"step": opt.nsteps, "positions": atoms.positions.copy(), "optimizer": saved.get("optimizer"),
-                "log_bytes": size, "done": done, "converged": converged}
+        optimizer_state = {name: copy.deepcopy(getattr(opt, name)) for name in _FIRE_STATE} if fire else saved.get("optimizer")
+        data = {"step": opt.nsteps, "positions": atoms.positions.copy(), "cell": atoms.cell.array.copy(),
+                "orig_cell": np.array(target.orig_cell, dtype=float) if target is not atoms else None,
+                "optimizer": optimizer_state, "log_bytes": size, "done": done, "converged": converged}
         write_bytes(checkpoint, pickle.dumps(data))
 
     opt.save_state = save_state
@@ -184,7 +194,7 @@ def relax_structure(
         output_dir: output folder (default ``mlpot-relax-<structure>``).
         data_dir: folder of the reference data (default $MLPOT_DATA_DIR).
         cell: relax the cell too (periodic structures only).
-        resume: continue the stopped or killed relaxation in ``output_dir`` (bfgs or lbfgs, no cell), bit for bit.
+        resume: continue the stopped or killed relaxation in ``output_dir``, bit for bit.
         overwrite: replace the results already in ``output_dir`` (kept until the new run has finished).
     """
     label = structure if structure in MOLECULES else Path(structure).stem
@@ -192,16 +202,12 @@ def relax_structure(
     atoms = load_structure(structure, data_dir)
     if cell:  # before anything is written
         check_cell_relaxation(atoms)
-    resumable = optimizer.lower() in RESUMABLE and not cell
-    if resume and not resumable:
-        raise ValueError(f"--resume needs --optimizer {' or '.join(RESUMABLE)} and no --cell (asked: {optimizer}"
-                         f"{', --cell' if cell else ''})")
     calc = load_calculator(model, "float64", device, skin=0.0)  # no neighbour-list history: resumable bit for bit
     options = {"model": str(model), "structure": structure, "fmax": fmax, "optimizer": optimizer, "steps": max_steps,
                "cell": cell}
     with output_folder(out, STATE_FILE, resume, overwrite, options) as work:
         result = relax(atoms, calc, fmax, optimizer, max_steps, logfile=str(work / "relax.log"), cell=cell,
-                       checkpoint=work / STATE_FILE if resumable else None, resume=resume)
+                       checkpoint=work / STATE_FILE, resume=resume)
         write_structure(result, work / "relaxed.xyz")
     result.output = str(out / "relaxed.xyz")
     return result

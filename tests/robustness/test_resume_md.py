@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import ase.build
 import ase.io
 import numpy as np
 import pytest
@@ -173,8 +174,73 @@ def test_killed_relax_resumes_bit_identical(tmp_path):
     assert np.array_equal(resumed.atoms.positions, reference.atoms.positions)
     assert (out / "relaxed.xyz").read_text() == (tmp_path / "reference" / "relaxed.xyz").read_text()
     assert log_without_clock(out) == log_without_clock(tmp_path / "reference")
-    with pytest.raises(ValueError, match="--resume needs --optimizer bfgs or lbfgs"):
-        commands.run(relax_args(structure, out, "--resume", "--optimizer", "fire"))
+
+
+CU_MODEL = MODEL.parent / "cu-emt.pt"
+
+
+def rattled_copper(seed, amplitude=0.05, strain=1.0):
+    """A rattled, strained 32-atom fcc Cu cell (the shipped Cu model's kind of structure)."""
+    atoms = ase.build.bulk("Cu", "fcc", a=3.61 * strain, cubic=True).repeat(2)
+    atoms.positions += np.random.default_rng(seed).uniform(-amplitude, amplitude, atoms.positions.shape)
+    return atoms
+
+
+def same_relaxation(out: Path, reference: Path, resumed, want):
+    assert resumed.steps == want.steps and resumed.energy_eV == want.energy_eV
+    assert np.array_equal(resumed.atoms.positions, want.atoms.positions)
+    assert np.array_equal(resumed.atoms.cell.array, want.atoms.cell.array)
+    assert (out / "relaxed.xyz").read_text() == (reference / "relaxed.xyz").read_text()
+    assert log_without_clock(out) == log_without_clock(reference)
+
+
+@pytest.mark.skipif(not CU_MODEL.is_file(), reason=f"needs the shipped {CU_MODEL.name}")
+@pytest.mark.parametrize("optimizer, cell", [("fire", False), ("bfgs", True), ("fire", True)])
+def test_killed_fire_and_cell_relaxations_resume_bit_identical(tmp_path, optimizer, cell):
+    structure = tmp_path / "cu.xyz"
+    ase.io.write(structure, rattled_copper(seed=6, strain=1.01 if cell else 1.0))
+
+    def args(out, *extra):
+        return ["relax", str(CU_MODEL), str(structure), "--fmax", "1e-3", "--optimizer", optimizer,
+                "--output", str(out), *(["--cell"] if cell else []), *extra]
+
+    reference = commands.run(args(tmp_path / "reference"))
+    assert reference.converged and reference.steps > 10
+    if cell:
+        assert not np.allclose(reference.atoms.cell.array, rattled_copper(6, strain=1.01).cell.array, atol=1e-3)
+    out = tmp_path / "run"
+    at_step = int(np.random.default_rng(SEED + 2).integers(3, reference.steps // 2))
+    kills = [launch_and_kill(args(out), out, signal.SIGKILL, 0.0, "relax-state.pkl", at_step)]
+    with open(out / "relax-state.pkl", "rb") as fh:
+        assert not pickle.load(fh)["done"], f"the kill was meant to land before the end: {kills}"
+    same_relaxation(out, tmp_path / "reference", commands.run(args(out, "--resume")), reference)
+
+
+@pytest.mark.skipif(not CU_MODEL.is_file(), reason=f"needs the shipped {CU_MODEL.name}")
+def test_killed_npt_resumes_bit_identical(tmp_path):
+    structure = tmp_path / "cu.xyz"
+    ase.io.write(structure, rattled_copper(seed=7, strain=1.02))
+
+    def args(out, *extra):
+        return ["md", str(CU_MODEL), str(structure), "--ensemble", "npt", "--pressure", "1000", "--time", "60fs",
+                "--timestep", "2fs", "--temperature", "300", "--dtype", "float64", "--seed", "7",
+                "--checkpoint-interval", "5", "--no-harmonic", "--quiet", "--output", str(out), *extra]
+
+    commands.run(args(tmp_path / "reference"))
+    out = tmp_path / "run"
+    kills = [launch_and_kill(args(out), out, signal.SIGKILL, 0.0, at_step=10)]
+    check_after_kill(out)
+    with open(out / STATE_FILE, "rb") as fh:
+        assert not pickle.load(fh)["finished"], f"the kill was meant to land before the end: {kills}"
+    commands.run(args(out, "--resume"))
+    got, want = frames(out), frames(tmp_path / "reference")
+    assert len(got) == len(want) == 4
+    assert not np.allclose(want[-1].cell.array, want[0].cell.array, rtol=0, atol=1e-6), "the barostat did nothing"
+    for a, b in zip(got, want):
+        assert np.array_equal(a.cell.array, b.cell.array) and np.array_equal(a.positions, b.positions)
+        assert np.array_equal(a.get_momenta(), b.get_momenta()) and np.array_equal(a.get_forces(), b.get_forces())
+    assert (out / "md.log").read_text() == (tmp_path / "reference" / "md.log").read_text()
+    assert summary(out) | {"files": None} == summary(tmp_path / "reference") | {"files": None}
 
 
 def test_vibrations_resume_reuses_finished_displacements(tmp_path, monkeypatch):
