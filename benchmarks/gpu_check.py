@@ -9,8 +9,11 @@
 3. an AOTInductor build for CUDA, loaded and run against the CPU's numbers;
 4. latency (ms per energy+forces call through MLPotCalculator, ethanol and benzene) and training throughput
    (structures per second, batch of 10 ethanols) on the device.
-NequIP's numbers on the same GPU are not measured here: benchmarks/peers/ runs NequIP on the CPU only;
-compare item 4 with a NequIP GPU run made the same way (not part of this script).
+5. with ``--peers``: mlpot (TorchScript and AOTInductor) against NequIP on the same GPU, through
+   ``benchmarks/peers/run.py --device cuda`` (ASE latency, MD steps/s, training frames/s in eager and
+   compiled modes, ethanol and aspirin, float32 and float64); its tables go to ``--peers-out``. NequIP
+   must import in benchmarks/peers/.venvs/nequip (``setup.sh``) or, where that venv is missing, in
+   this interpreter (carry its wheels to the GPU machine; it has no internet).
 
 Without a CUDA device (``torch.cuda.is_available()`` False) it says so and exits 0 unless ``--device cpu``
 is given: then every check runs CPU against CPU, which is how the script itself is tested here.
@@ -157,6 +160,21 @@ def latency_and_throughput(device, kinds, folder: Path, calls: int, results) -> 
         print(f"training {kind} float32 on {device}: {rate:.0f} structures/s (batches of 10 ethanols, eager)")
 
 
+def peers_on_device(device, out: Path, quick: bool, impls: str) -> dict:
+    """mlpot against NequIP on ``device`` with the peers benchmark's own protocol; the ratios are in its tables."""
+    import subprocess
+
+    command = [sys.executable, str(Path(__file__).parent / "peers" / "run.py"), "--device", device,
+               "--impls", impls, "--molecules", "ethanol,aspirin", "--out", str(out),
+               *(["--quick"] if quick else ["--calls", "100", "--md-rounds", "2", "--train-rounds", "2"])]
+    print("$", " ".join(command), flush=True)
+    done = subprocess.run(command)
+    table = out / ("results-quick.md" if quick else "results.md")
+    if table.is_file():
+        print(table.read_text())
+    return {"returncode": done.returncode, "tables": str(table), "ok": done.returncode == 0}
+
+
 def sync(device) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
@@ -168,6 +186,9 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="schnet only, few calls, no AOTInductor build")
     parser.add_argument("--calls", type=int, default=100)
     parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--peers", action="store_true", help="also mlpot vs NequIP on the device (benchmarks/peers)")
+    parser.add_argument("--peers-impls", default="mlpot-egnn,mlpot-egnn-aoti,nequip")
+    parser.add_argument("--peers-out", type=Path, default=Path("gpu-peers"), help="folder of the peers tables")
     args = parser.parse_args(argv)
     if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
         print("no CUDA device here: the GPU checks are skipped (run with --device cpu to check the script itself)")
@@ -181,6 +202,8 @@ def main(argv=None) -> int:
         if not args.quick:
             aoti_build(args.device, Path(folder), results)
         latency_and_throughput(args.device, kinds, Path(folder), 5 if args.quick else args.calls, results)
+    if args.peers:
+        results["peers"] = peers_on_device(args.device, args.peers_out, args.quick, args.peers_impls)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     failed = [name for name, r in results.items() if isinstance(r, dict) and not r["ok"]]

@@ -69,7 +69,8 @@ class MLPot(Impl):
         if self.fmt in self.CACHED_FORMATS:
             import torch
 
-            return (CACHE / f"mlpot-{self.fmt}-torch{torch.__version__}"
+            where = "" if self.device == "cpu" else f"-{self.device}"  # AOTI builds are per device
+            return (CACHE / f"mlpot-{self.fmt}-torch{torch.__version__}{where}"
                     / f"{self.model_kind}-{dtype}-{self.build_key()}{suffix}")
         return self.tmp / f"{self.model_kind}-{dtype}{suffix}"
 
@@ -85,7 +86,10 @@ class MLPot(Impl):
             except (OSError, ValueError) as err:
                 log(f"cached {path} unreadable ({err}); rebuilding")
         tic = time.perf_counter()
-        export.save(self.potential(dtype), path, **self.save_kwargs())  # atomic: a killed build leaves no file
+        import copy
+
+        # atomic: a killed build leaves no file; built on the device it will run on (AOTI compiles for it)
+        export.save(copy.deepcopy(self.potential(dtype)).to(self.device), path, **self.save_kwargs())
         if self.fmt in self.CACHED_FORMATS:  # builds of older sources for this model and dtype are stale
             for old in path.parent.glob(f"{self.model_kind}-{dtype}-*{path.suffix}"):
                 if old != path:
@@ -95,7 +99,7 @@ class MLPot(Impl):
     def calculator(self, dtype: str):
         from mlpot.calculators import MLPotCalculator
 
-        return MLPotCalculator(self.path(dtype))
+        return MLPotCalculator(self.path(dtype), device=self.device)
 
     def info(self) -> dict:
         import mlpot
@@ -124,14 +128,14 @@ class MLPot(Impl):
         pot = self.potential(dtype)
         import copy
 
-        pot = copy.deepcopy(pot).train()
+        pot = copy.deepcopy(pot).train().to(self.device)
         frames = rmd17_frames(molecule, 50)
         graphs = []
         for a in frames:
             g = make_graph(a.numbers, a.positions, CUTOFF, dtype=getattr(torch, dtype))
             g[keys.ENERGY_REF] = torch.tensor([a.get_potential_energy()], dtype=getattr(torch, dtype))
             g[keys.FORCES_REF] = torch.as_tensor(a.get_forces(), dtype=getattr(torch, dtype))
-            graphs.append(g)
+            graphs.append({k: v.to(self.device) for k, v in g.items()})
         # as mlpot-train builds them: its optimizer (fused Adam) and, with train.compile, its compiled step
         optimizer = make_optimizer(pot.parameters(), "adam", lr=1e-4)
         model = CompiledTraining(pot) if mode == "compile" else pot

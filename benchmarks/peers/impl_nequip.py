@@ -93,7 +93,8 @@ class NequIP(Impl):
     name = "nequip"
 
     def dir(self, dtype: str) -> Path:
-        return CACHE / f"nequip-{version('nequip')}-torch{version('torch')}" / dtype
+        where = "" if self.device == "cpu" else f"-{self.device}"  # nequip-compile builds for one device
+        return CACHE / f"nequip-{version('nequip')}-torch{version('torch')}{where}" / dtype
 
     def prepare(self, dtype: str) -> dict:
         d = self.dir(dtype)
@@ -117,7 +118,7 @@ class NequIP(Impl):
         env = dict(os.environ, TORCHINDUCTOR_COMPILE_THREADS="1")
         steps = [
             [str(bindir / "nequip-train"), "-cp", str(d), "-cn", "config", f"hydra.run.dir={d / 'train'}"],
-            [str(bindir / "nequip-compile"), str(ckpt), str(compiled), "--mode", "aotinductor", "--device", "cpu",
+            [str(bindir / "nequip-compile"), str(ckpt), str(compiled), "--mode", "aotinductor", "--device", self.device,
              "--target", "ase"],
         ]
         for cmd in steps:
@@ -133,7 +134,7 @@ class NequIP(Impl):
     def calculator(self, dtype: str):
         from nequip.integrations.ase import NequIPCalculator
 
-        return NequIPCalculator.from_compiled_model(str(self.dir(dtype) / "model.nequip.pt2"), device="cpu",
+        return NequIPCalculator.from_compiled_model(str(self.dir(dtype) / "model.nequip.pt2"), device=self.device,
                                                     chemical_species_to_atom_type_map=True)
 
     def eager_model(self, dtype: str, mode: str = "eager"):
@@ -145,7 +146,7 @@ class NequIP(Impl):
         self.ensure(dtype)
         if not global_state_initialized():
             set_global_state(allow_tf32=False)
-        return load_saved_model(str(self.dir(dtype) / "train" / "last.ckpt"), mode)
+        return load_saved_model(str(self.dir(dtype) / "train" / "last.ckpt"), mode).to(self.device)
 
     def info(self) -> dict:
         import torch
@@ -155,7 +156,7 @@ class NequIP(Impl):
             "impl": self.name, "kind": "egnn", "params": sum(p.numel() for p in model.parameters()),
             "versions": {"nequip": version("nequip"), "torch": torch.__version__, "e3nn": version("e3nn"),
                          "ase": version("ase"), "lightning": version("lightning")},
-            "deploy": "nequip-train (1 epoch, 15 frames) -> nequip-compile --mode aotinductor --device cpu "
+            "deploy": f"nequip-train (1 epoch, 15 frames) -> nequip-compile --mode aotinductor --device {self.device} "
                       "--target ase -> NequIPCalculator.from_compiled_model",
             "size": {"num_features": 32, "l_max": 2, "parity": False, "num_layers": 3, "num_bessels": 8,
                      "polynomial_cutoff_p": 6, "radial_mlp": "2x64", "readout": "1x16", "r_max": CUTOFF},
@@ -171,7 +172,7 @@ class NequIP(Impl):
         out = []
         for a in atoms_list:
             d = types(nl(from_ase(a)))
-            out.append(d)
+            out.append({k: v.to(self.device) if hasattr(v, "to") else v for k, v in d.items()})
         return out
 
     def train_setup(self, molecule, dtype, batch_size, mode="eager"):

@@ -181,6 +181,7 @@ class Impl:
 
     def __init__(self, args):
         self.args = args
+        self.device = getattr(args, "device", "cpu")  # where models run: "cpu" (the default), "cuda"
         self.calcs = {}
         self.prepared = {}
         self.trainers = {}

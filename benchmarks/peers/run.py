@@ -102,13 +102,16 @@ class Worker:
 
 
 def python_of(impl: str) -> Path:
-    if impl.startswith("mlpot"):
+    """The interpreter of an implementation's worker: its own venv (setup.sh) where there is one, else this one
+    (e.g. a GPU machine with the peer installed beside mlpot)."""
+    venv = HERE / ".venvs" / impl / "bin" / "python"
+    if impl.startswith("mlpot") or not venv.is_file():
         return Path(sys.executable)
-    return HERE / ".venvs" / impl / "bin" / "python"
+    return venv
 
 
 def worker_args(name: str, args) -> list:
-    common = ["--threads", str(args.threads)]
+    common = ["--threads", str(args.threads), "--device", args.device]
     if name in MLPOT_IMPLS:
         kind, fmt = MLPOT_IMPLS[name]
         return ["--impl", "mlpot", "--model", kind, "--format", fmt, *common]
@@ -177,6 +180,7 @@ def main() -> None:
     parser.add_argument("--per-round", type=int, default=20, help="calls per implementation per round")
     parser.add_argument("--warmup", type=int, default=20, help="untimed calls per molecule/dtype/impl first")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="where every implementation runs its models (cuda on a GPU)")
     parser.add_argument("--impls", default=DEFAULT_IMPLS,
                         help="comma-separated; 'mlpot' stands for the four mlpot-* (egnn/schnet x torchscript/aoti)")
     parser.add_argument("--molecules", default="ethanol,toluene,aspirin")
@@ -216,7 +220,7 @@ def main() -> None:
     env.setdefault("MLPOT_DATA_DIR", str(ROOT.parent / "shared" / "data"))
     results = {"started": datetime.datetime.now().isoformat(timespec="seconds"), "args": vars(args) | {"out": str(args.out), "render": None},
                "mlpot_commit": mlpot_commit(),
-               "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "threads": args.threads,
+               "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "threads": args.threads, "device": args.device,
                            "python": platform.python_version()},
                "info": {}, "failed": {}, "prepare": {}, "latency": {}, "md": {}, "train": {}, "flops": {}}
 
@@ -357,6 +361,7 @@ def main() -> None:
         w.close()
     results["wall_s"] = time.time() - started
     suffix = "-quick" if args.quick else ""
+    args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"results{suffix}.json").write_text(json.dumps(results, indent=1))
     (args.out / f"results{suffix}.md").write_text(render(results, molecules, dtypes, args))
     print(f"wrote {args.out / f'results{suffix}.md'} and results{suffix}.json ({results['wall_s'] / 60:.1f} min)")

@@ -33,6 +33,7 @@ def main() -> None:
     parser.add_argument("--neighbor-list", default="matscipy", choices=["ase", "matscipy", "torch"],
                         help="schnetpack neighbour-list transform for SpkCalculator")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="where the models run (cuda on a GPU machine)")
     args = parser.parse_args()
 
     # the protocol owns the real stdout; anything the libraries print goes to stderr
