@@ -137,6 +137,8 @@ def _eval_parser(sub) -> Parser:
     p.add_argument("--committee", nargs="+", metavar="MODEL", default=[],
                    help="with --predict: more deployed models; write the committee mean and spread")
     p.add_argument("--batch-size", type=int, default=32, help="structures per batch with --predict")
+    p.add_argument("--overwrite", action="store_true",
+                   help="with --predict: replace an existing OUT (kept until the new predictions are written)")
     p.add_argument("--device", default="cpu", help="torch device to run the model on, e.g. cpu or cuda")
     return p
 
@@ -147,6 +149,8 @@ def run_predict(args) -> list:
     if args.batch_size < 1:
         raise UsageError("--batch-size must be at least 1")
     predict.check_output(args.predict)
+    if Path(args.predict).exists() and not args.overwrite:
+        raise ValueError(f"{args.predict} exists; pass --overwrite to replace it, or choose another --predict file")
     structures = predict.read_structures(args.data, split=args.split, index=args.index)
     if args.limit:
         structures = structures[: args.limit]

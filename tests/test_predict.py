@@ -144,3 +144,15 @@ def test_eval_of_an_unlabelled_file_points_to_predict_and_renamed_keys_work(file
     code, err = run(["eval", str(files["mol0"]), str(tmp_path / "ref.extxyz"), "--energy-key", "REF_energy",
                      "--forces-key", "REF_forces", "--json"], capsys)
     assert code == 0, err
+
+
+def test_an_existing_prediction_file_is_replaced_only_with_overwrite(files, tmp_path, capsys):
+    out = tmp_path / "out.extxyz"
+    out.write_text("earlier results\n")
+    args = ["eval", str(files["mol0"]), str(files["molecules"]), "--predict", str(out)]
+    code, err = run(args, capsys)
+    assert code == 2 and "out.extxyz exists; pass --overwrite" in err and len(err.strip().splitlines()) == 1, err
+    assert out.read_text() == "earlier results\n"
+    code, err = run([*args, "--overwrite"], capsys)
+    assert code == 0, err
+    assert len(ase.io.read(out, index=":")) == len(ase.io.read(files["molecules"], index=":"))

@@ -2,6 +2,7 @@
 results: one line naming the file, exit 2, and the earlier results left exactly as they were."""
 
 import os
+import re
 import resource
 import signal
 import subprocess
@@ -35,9 +36,12 @@ def snapshot(folder: Path) -> dict:
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+PROGRESS_BAR = re.compile(r"^[\w ]+: +\d+%\|")  # tqdm's lines on stderr, not part of the error
+
+
 def assert_one_line(done, *expected):
     assert done.returncode == 2, done.stderr[-2000:]
-    lines = done.stderr.strip().splitlines()
+    lines = [line for line in done.stderr.strip().splitlines() if line.strip() and not PROGRESS_BAR.match(line)]
     assert len(lines) == 1 and all(e in lines[0] for e in expected), done.stderr[-2000:]
 
 
@@ -100,3 +104,22 @@ def test_training_on_a_full_disk_stops_in_one_line_and_resumes(tmp_path):
     assert tmp_files(run_dir) == []
     done = mlpot(["train", "--resume", str(run_dir), "--set", "train.epochs=4", "--quiet"])
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+@pytest.mark.skipif(not MODEL.is_file(), reason=f"needs the shipped {MODEL.name}")
+@pytest.mark.parametrize("workflow", ["relax", "vibrations", "predict"])
+def test_workflow_overwrite_on_a_full_disk_keeps_the_earlier_results(tmp_path, workflow):
+    structure = tmp_path / "ethanol.xyz"
+    ase.io.write(structure, perturbed_ethanol(seed=3, amplitude=0.02))
+    out = tmp_path / "out"
+    args = {"relax": ["relax", str(MODEL), str(structure), "--output", str(out)],
+            "vibrations": ["vibrations", str(MODEL), str(structure), "--fmax", "1e-2", "--output", str(out)],
+            "predict": ["eval", str(MODEL), str(structure), "--predict", str(out / "predicted.extxyz")]}[workflow]
+    out.mkdir()
+    done = mlpot(args)
+    assert done.returncode == 0, done.stderr[-2000:]
+    before = snapshot(out)
+    done = mlpot([*args, "--overwrite"], limited(min(len(b) for b in before.values()) // 2))
+    assert_one_line(done, f"mlpot {'eval' if workflow == 'predict' else workflow}: error: ", "File too large")
+    assert snapshot(out) == before
+    assert tmp_files(tmp_path) == []
