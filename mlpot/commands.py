@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Dict, Optional, Sequence
@@ -25,7 +26,10 @@ STRUCTURE_HELP = ("molecule (ethanol, toluene, aspirin: the first reference fram
 # exit statuses: a user error (argparse uses 2 too), a run that failed for a numerical reason, Ctrl-C
 EXIT_USER_ERROR, EXIT_RUN_FAILED, EXIT_INTERRUPTED = 2, 1, 130
 # errors of a write the user can fix: no space, a file-size limit (ulimit -f), no permission, a read-only disk
-WRITE_ERRORS = {errno.ENOSPC, errno.EFBIG, errno.EACCES, errno.EPERM, errno.EROFS, errno.EDQUOT}
+PERMISSION_ERRORS = {errno.EACCES, errno.EPERM, errno.EROFS}
+WRITE_ERRORS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, *PERMISSION_ERRORS}
+# the temporary file an atomic write renames onto its target (mlpot.files.atomic_path): name.XXXXXXXX.tmp[.ext]
+_TEMPORARY_NAME = re.compile(r"\.[A-Za-z0-9_]{8}\.tmp(\.\w+)?$")
 
 
 class UsageError(ValueError):
@@ -433,7 +437,7 @@ def run(argv: Optional[Sequence[str]] = None):
 
 def _one_line(error: BaseException) -> str:
     if isinstance(error, OSError) and error.filename and error.strerror:  # open() and friends: "[Errno 2] ..."
-        return f"{error.filename}: {error.strerror}"
+        return f"{_TEMPORARY_NAME.sub('', str(error.filename))}: {error.strerror}"
     return " ".join(str(error).split()) or type(error).__name__
 
 
@@ -459,8 +463,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except OSError as error:  # a full disk, a file-size limit, a read-only folder: the user's to fix
         if error.errno not in WRITE_ERRORS:
             raise
-        print(f"{prog}: error: {_one_line(error)} (nothing already written was changed; free some space, raise the "
-              f"file-size limit or write elsewhere)", file=sys.stderr)
+        fix = ("make the folder writable or write elsewhere" if error.errno in PERMISSION_ERRORS
+               else "free some space, raise the file-size limit or write elsewhere")
+        print(f"{prog}: error: {_one_line(error)} (nothing already written was changed; {fix})", file=sys.stderr)
         return EXIT_USER_ERROR
     except FloatingPointError as error:
         print(f"{prog}: error: {_one_line(error)}", file=sys.stderr)

@@ -2,6 +2,7 @@
 results: one line naming the file, exit 2, and the earlier results left exactly as they were."""
 
 import os
+import shutil
 import re
 import resource
 import signal
@@ -73,18 +74,44 @@ def test_deploy_over_an_existing_file_on_a_full_disk_keeps_it(tmp_path):
         commands.run(["deploy", str(source), "-o", str(output)])
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a read-only folder anyway (chmod does not stop it)")
-def test_read_only_output_folder_is_one_line(tmp_path):
+SETPRIV = shutil.which("setpriv")
+
+
+def without_permission_override():
+    """The command prefix that makes a read-only folder stop root too: no CAP_DAC_OVERRIDE (util-linux's setpriv)."""
+    if os.geteuid() != 0:
+        return []
+    return [SETPRIV, "--bounding-set=-dac_override,-dac_read_search"]
+
+
+@pytest.mark.skipif(os.geteuid() == 0 and SETPRIV is None, reason="root without setpriv writes into read-only folders")
+@pytest.mark.parametrize("workflow", ["deploy", "train", "md", "relax", "predict"])
+def test_read_only_output_folder_is_one_line_and_untouched(tmp_path, workflow):
     source = tmp_path / "model.ckpt"
     checkpoint.save_potential(tiny_potential("schnet"), source, epoch=1)
+    commands.run(["deploy", str(source), "-o", str(tmp_path / "model.pt")])
+    structure = tmp_path / "ethanol.xyz"
+    ase.io.write(structure, perturbed_ethanol(seed=3))
+    train_file = write_sgdml_npz(tmp_path / "train.npz", 14, 0)
     folder = tmp_path / "ro"
     folder.mkdir()
+    (folder / "earlier.txt").write_text("earlier results\n")
+    config = write_yaml(tmp_path / "config.yaml", make_config(train_file, train_file, folder, epochs=1))
+    model = str(tmp_path / "model.pt")
+    args = {"deploy": ["deploy", str(source), "-o", str(folder / "model.pt")],
+            "train": ["train", str(config), "--quiet"],
+            "md": ["md", model, str(structure), "--time", "2fs", "--no-harmonic", "--quiet", "--output", str(folder / "md")],
+            "relax": ["relax", model, str(structure), "--output", str(folder / "relax")],
+            "predict": ["eval", model, str(structure), "--predict", str(folder / "predicted.extxyz")]}[workflow]
     folder.chmod(0o555)
     try:
-        done = mlpot(["deploy", str(source), "-o", str(folder / "model.pt")])
-        assert_one_line(done, "mlpot deploy: error: ", "Permission denied")
+        done = subprocess.run([*without_permission_override(), sys.executable, "-m", "mlpot", *args],
+                              capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     finally:
         folder.chmod(0o755)
+    command = "eval" if workflow == "predict" else workflow
+    assert_one_line(done, f"mlpot {command}: error: ", "Permission denied")
+    assert sorted(p.name for p in folder.iterdir()) == ["earlier.txt"]
 
 
 def test_training_on_a_full_disk_stops_in_one_line_and_resumes(tmp_path):
