@@ -40,7 +40,8 @@ def card(name: str, run: Path, metrics: dict, config: dict) -> str:
         f"- training: {metrics['epochs_run']} epochs (best {metrics['best_epoch']}, stopped by {metrics['stopped_by']}), "
         f"{metrics['train_time_s'] / 60:.1f} min on {metrics['hardware']}; batch {config['train']['batch_size']}, "
         f"lr {config['train']['lr']}, {config['train']['scheduler']} schedule, EMA {config['train']['ema_decay']}, "
-        f"force weight {config['train']['forces_weight']}",
+        f"force weight {config['train']['forces_weight']}"
+        f"{', compiled training steps (train.compile)' if config['train'].get('compile') else ''}",
         f"- recipe: `training/{run.name}.yaml` (`mlpot-train training/{run.name}.yaml`)",
         "",
         "| test set | MAE | RMSE |",
