@@ -114,7 +114,13 @@ def test_float32_forces_do_not_depend_on_distance_from_origin(kind, distance):
     moved = atoms.copy()
     moved.positions += distance * TRANSLATION_DIRECTION + 0.37
     _, moved_forces = energy_forces(potential, moved, torch.float32)
-    np.testing.assert_allclose(moved_forces, forces, rtol=0, atol=1e-6 * np.abs(forces).max())
+    # the float32 floor: the same fractional shift near the origin (rounding of the local positions), which
+    # on some CPUs is just above 1e-6 of the largest force for the tiny GCN; far away must be no worse
+    near = atoms.copy()
+    near.positions += 0.37
+    _, near_forces = energy_forces(potential, near, torch.float32)
+    floor = 2 * np.abs(near_forces - forces).max()
+    np.testing.assert_allclose(moved_forces, forces, rtol=0, atol=max(1e-6 * np.abs(forces).max(), floor))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])

@@ -69,7 +69,7 @@ def install(emit=None, setattr=builtins.setattr):
 
     emit = emit or _child_emitter()
     torch_save, jit_save = torch.save, torch.jit.save
-    write_text, replace = pathlib.Path.write_text, os.replace
+    write_text, write_bytes, replace = pathlib.Path.write_text, pathlib.Path.write_bytes, os.replace
     collate, tqdm = loop.collate, loop.tqdm
 
     def save(obj, f, *args, **kwargs):
@@ -96,6 +96,13 @@ def install(emit=None, setattr=builtins.setattr):
         _chunked_write(self, blob, emit, target)
         return len(data)
 
+    def path_write_bytes(self, data):  # mlpot.files.write_bytes: checkpoints are serialised in memory first
+        target = target_of(self)
+        if target is None:
+            return write_bytes(self, data)
+        _chunked_write(self, bytes(data), emit, target)
+        return len(data)
+
     def os_replace(src, dst, *args, **kwargs):
         replace(src, dst, *args, **kwargs)
         target = target_of(dst)
@@ -113,6 +120,7 @@ def install(emit=None, setattr=builtins.setattr):
     setattr(torch, "save", save)
     setattr(torch.jit, "save", save_script)
     setattr(pathlib.Path, "write_text", path_write_text)
+    setattr(pathlib.Path, "write_bytes", path_write_bytes)
     setattr(os, "replace", os_replace)
     setattr(loop, "collate", batch)
     setattr(loop, "tqdm", progress)
