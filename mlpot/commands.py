@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import errno
 import json
-import re
 import sys
 from pathlib import Path
 from typing import Dict, Optional, Sequence
@@ -17,6 +16,7 @@ from typing import Dict, Optional, Sequence
 import torch
 
 import mlpot
+from mlpot import files
 from mlpot.dtypes import DTYPE_NAMES, dtype_of
 from mlpot.threads import torch_threads
 from mlpot.workflows import md, relax, vibrations
@@ -28,8 +28,6 @@ EXIT_USER_ERROR, EXIT_RUN_FAILED, EXIT_INTERRUPTED = 2, 1, 130
 # errors of a write the user can fix: no space, a file-size limit (ulimit -f), no permission, a read-only disk
 PERMISSION_ERRORS = {errno.EACCES, errno.EPERM, errno.EROFS}
 WRITE_ERRORS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, *PERMISSION_ERRORS}
-# the temporary file an atomic write renames onto its target (mlpot.files.atomic_path): name.XXXXXXXX.tmp[.ext]
-_TEMPORARY_NAME = re.compile(r"\.[A-Za-z0-9_]{8}\.tmp(\.\w+)?$")
 
 
 class UsageError(ValueError):
@@ -437,7 +435,7 @@ def run(argv: Optional[Sequence[str]] = None):
 
 def _one_line(error: BaseException) -> str:
     if isinstance(error, OSError) and error.filename and error.strerror:  # open() and friends: "[Errno 2] ..."
-        return f"{_TEMPORARY_NAME.sub('', str(error.filename))}: {error.strerror}"
+        return f"{files.target_of(error.filename)}: {error.strerror}"
     return " ".join(str(error).split()) or type(error).__name__
 
 

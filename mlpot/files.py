@@ -3,6 +3,7 @@
 import contextlib
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Callable, Iterator, Union
@@ -32,6 +33,15 @@ def atomic_path(path: PathLike, suffix: str = TMP_SUFFIX) -> Iterator[Path]:
             os.remove(tmp)
 
 
+def target_of(path: PathLike) -> str:
+    """The file a temporary path of :func:`atomic_path` (``name.XXXXXXXX.tmp[.ext]``) is renamed onto; other paths
+    unchanged (for error messages, which should name the user's file)."""
+    return _TEMPORARY_NAME.sub("", str(path))
+
+
+_TEMPORARY_NAME = re.compile(r"\.[A-Za-z0-9_]{8}\.tmp(\.\w+)?$")  # mkstemp's 8 random characters
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -55,9 +65,9 @@ def write_json(path: PathLike, data, indent: int = 2) -> Path:
     return write_text(path, json.dumps(data, indent=indent, ensure_ascii=False) + "\n")
 
 
-def write_bytes(path: PathLike, data: bytes, suffix: str = TMP_SUFFIX) -> Path:
+def write_bytes(path: PathLike, data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically."""
-    return atomic_write(path, lambda tmp: tmp.write_bytes(data), suffix)
+    return atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
 
 def torch_save(obj, path: PathLike) -> Path:
