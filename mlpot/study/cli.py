@@ -36,7 +36,11 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=lc.DEFAULT_STEPS,
                    help=f"optimizer steps of {lc.BATCH_SIZE} structures per run, every model and size")
     p.add_argument("--max-time", type=float, default=None, help="also cap each run's training at this many seconds")
-    p.add_argument("--seeds", default="0", help="comma list of seeds (data split and initialisation)")
+    p.add_argument("--seeds", default="0", help="comma list of seeds (frames drawn from the split's training indices, initialisation)")
+    p.add_argument("--splits", default="1", help="comma list of rMD17 splits 1-5 (their own training and test indices)")
+    p.add_argument("--patience", type=int, default=None, help="early stopping: epochs without a better validation loss (default: off)")
+    p.add_argument("--steps-per-config", type=float, default=0.0,
+                   help="scale the budget with N: each run gets max(--steps, this x N) steps (default: 0, fixed steps)")
     p.add_argument("--dataset", default=None, help="dataset name or file (default: rmd17_<molecule>)")
     p.add_argument("--test-dataset", default=None, help="test file (default: the dataset's test split)")
     p.add_argument("--test-size", type=int, default=None, help="test on a fixed random subset of this many frames (default: all)")
@@ -45,6 +49,14 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="config override applied to every run, e.g. model.hparams.num_features=16 (repeatable)")
     p.add_argument("--progress", action="store_true", help="show the trainer's per-epoch progress")
     _common(p, "mlpot-study-learning-curve-<molecule>")
+
+    p = ssub.add_parser("stats", help="mean ± std per model and size, slope CIs, paired tests from a learning-curve CSV",
+                        description="Statistics of a learning-curve CSV: mean and spread per model and size,\n"
+                                    "bootstrap 95 % intervals on the log-log slopes, paired tests between models.")
+    p.add_argument("csv", metavar="CSV", help="learning_curve.csv written by mlpot study learning-curve")
+    p.add_argument("--compare", action="append", default=[], metavar="A,B",
+                   help="paired test of model A against model B on the same size, seed and split (repeatable)")
+    p.add_argument("--output", default=None, help="folder for stats.md and stats.json (default: the CSV's folder)")
 
     p = ssub.add_parser("latent", help="t-SNE of pooled last-layer features; rank correlations and k-NN R^2",
                         description="t-SNE map of the pooled last-layer features of DATA, with rank correlations\n"
@@ -108,8 +120,13 @@ def run(args):
             molecule=args.molecule, models=args.models, sizes=args.sizes, steps=args.steps, max_time=args.max_time,
             seeds=args.seeds, dataset=args.dataset, test_size=args.test_size, output=args.output, runs_dir=args.runs_dir,
             data_dir=args.data_dir, threads=args.threads, overrides=args.overrides, progress=args.progress,
-            test_dataset=args.test_dataset,
+            test_dataset=args.test_dataset, splits=args.splits, patience=args.patience,
+            steps_per_config=args.steps_per_config,
         )
+    if args.study_command == "stats":
+        from mlpot.study.stats import run_stats
+
+        return run_stats(args.csv, args.compare, args.output)
     if args.study_command == "latent":
         from mlpot.study.latent import run_latent
 
