@@ -11,6 +11,7 @@ files built before, without that key, have the first three outputs only and stil
 import hashlib
 import json
 import platform
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Optional
@@ -32,6 +33,7 @@ AOTI_INPUTS = (
     keys.POSITIONS, keys.ATOMIC_NUMBERS, keys.EDGE_INDEX, keys.SHIFT, keys.BATCH, keys.NUM_ATOMS, keys.PAIR_EDGE, keys.EDGE_PAIR,
 )
 AOTI_OUTPUTS = (keys.ENERGY, keys.FORCES, keys.NODE_ENERGY, keys.VIRIAL)
+_LEAFSPEC_DEPRECATION = r"`isinstance\(treespec, LeafSpec\)` is deprecated"
 _OUTPUTS_BEFORE_VIRIAL = AOTI_OUTPUTS[:3]  # files without an "outputs" entry in their metadata
 
 
@@ -124,8 +126,10 @@ def _compile(potential, path) -> None:
     pairs = Dim("pairs", min=0)
     dynamic = ({0: atoms}, {0: atoms}, {1: edges}, {0: edges}, {0: atoms}, {0: structures}, {0: pairs}, {0: edges})
     inputs[0] = inputs[0].detach()
-    exported = torch.export.export(traced, tuple(inputs), dynamic_shapes=dynamic, strict=False)
-    torch._inductor.aoti_compile_and_package(exported, package_path=str(path))
+    with warnings.catch_warnings():  # torch's own pytree deprecation, raised inside export on 2.13: not ours to fix
+        warnings.filterwarnings("ignore", message=_LEAFSPEC_DEPRECATION, category=FutureWarning)
+        exported = torch.export.export(traced, tuple(inputs), dynamic_shapes=dynamic, strict=False)
+        torch._inductor.aoti_compile_and_package(exported, package_path=str(path))
     _verify(function.potential, path)
 
 
