@@ -58,6 +58,7 @@ N_TRAIN, N_VAL = 950, 50
 BOX = 20.0  # Å: a non-periodic box around every frame (nequip-compile's self-check needs a finite stress)
 GOAL = 0.6  # mlpot force MAE <= 0.6 x the best peer's
 POLL_S = 2.0
+HARD_LIMIT = 2.0  # x budget (+ 20 min): when the driver stops any trainer
 THREAD_ENV = {k: "1" for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS",
                                "VECLIB_MAXIMUM_THREADS", "TORCHINDUCTOR_COMPILE_THREADS")}
 
@@ -498,7 +499,9 @@ def stop(proc):
 
 def train(job: Job, core: int) -> dict:
     """Run the training command pinned to ``core``, polling its validation log; stop it at the budget where it
-    has no time limit of its own (and at budget + 10% + 5 min in any case)."""
+    has no time limit of its own, and in any case at --hard-limit x budget + 20 min (a safety net against a hung
+    trainer: mlpot-train and Lightning stop after the step or epoch that passes their limit, and a compile inside
+    the first epoch can take minutes on a loaded core)."""
     if job.dir.exists():
         shutil.rmtree(job.dir)
     job.dir.mkdir(parents=True)
@@ -511,7 +514,7 @@ def train(job: Job, core: int) -> dict:
     proc = subprocess.Popen(["taskset", "-c", str(core), *cmd], stdout=logf, stderr=subprocess.STDOUT, env=job.env(),
                             cwd=job.dir, start_new_session=True)
     started = None
-    hard = job.budget_s * 1.1 + 300
+    hard = job.budget_s * HARD_LIMIT + 1200
 
     def poll():
         now = time.time() - t0
