@@ -160,6 +160,10 @@ class Job:
     def training_started(self) -> bool:
         return False
 
+    def has_checkpoint(self) -> bool:
+        """Whether a model could be made from what the trainer has saved so far."""
+        return True
+
     def finalize(self, run, killed: bool) -> str:
         """Path of the file the ASE calculator loads (after any conversion step)."""
         raise NotImplementedError
@@ -440,12 +444,18 @@ class MACEJob(Job):
                                 "val_energy_mae": float(d["mae_e"]) * 1000 if "mae_e" in d else None})
         return out
 
+    def checkpoints(self) -> list:
+        return sorted((self.dir / "checkpoints").glob(f"{self.NAME}_run-{self.seed}_epoch-*.pt"),
+                      key=lambda p: int(re.search(r"epoch-(\d+)", p.name).group(1)))
+
+    def has_checkpoint(self):
+        return bool(self.checkpoints())
+
     def finalize(self, run, killed):
         model = self.dir / f"{self.NAME}.model"
         if model.is_file() and not killed:
             return str(model)
-        ckpts = sorted((self.dir / "checkpoints").glob(f"{self.NAME}_run-{self.seed}_epoch-*.pt"),
-                       key=lambda p: int(re.search(r"epoch-(\d+)", p.name).group(1)))
+        ckpts = self.checkpoints()
         if not ckpts:
             raise RuntimeError(f"MACE saved no checkpoint (rc {run['rc']}); see {self.dir / 'train.log'}")
         epoch = int(re.search(r"epoch-(\d+)", ckpts[-1].name).group(1))
@@ -531,9 +541,15 @@ def train(job: Job, core: int) -> dict:
                 started = now
                 run["setup_s"] = round(now, 1)
             if not job.own_time_limit and started is not None and now >= started + job.budget_s:
-                stop(proc)
-                run["killed"] = True
-                run["stopped_by"] = "driver at the budget"
+                if job.has_checkpoint():
+                    late = now - started - job.budget_s
+                    stop(proc)
+                    run["killed"] = True
+                    run["stopped_by"] = "driver at the budget" if late < 2 * POLL_S + 1 else \
+                        f"driver {late:.0f} s past the budget, at its first checkpoint"
+                elif "waiting_for_checkpoint" not in run:  # no model to test yet: wait for the first one
+                    run["waiting_for_checkpoint"] = round(now, 1)
+                    log(f"{job.molecule}/{job.impl}: budget reached before any checkpoint; waiting for the first one")
             elif now >= hard:
                 stop(proc)
                 run["killed"] = True
@@ -695,7 +711,8 @@ def figures(data, stem):
         ax.set_ylabel("validation force MAE (meV/Å)")
         ax.set_title(f"rMD17 {molecule}, {budget_label(budget)} min budget, 1 thread each")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
         fig.tight_layout()
         fig.savefig(HERE / f"{prefix}-{molecule}-{budget_label(budget)}min.png", dpi=110)
         plt.close(fig)
