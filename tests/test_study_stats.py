@@ -1,4 +1,5 @@
-"""Study statistics: bootstrap slope intervals, paired tests, aggregation, the stats command, old CSVs."""
+"""The full-strength learning-curve study (issue 17): statistics on synthetic rows, budgets, model variants,
+learning rates, and one tiny converged run over seeds and splits that a rerun resumes."""
 
 import csv
 import json
@@ -6,90 +7,183 @@ import json
 import numpy as np
 import pytest
 
-from mlpot.study import learning_curve, stats
+from mlpot.commands import run
+from mlpot.study import learning_curve as lc
+from mlpot.study import lr_search, stats, variants
+
+from conftest import write_sgdml_npz
+
+TINY = ["--set", "model.hparams.num_features=4", "--set", "model.hparams.num_layers=1"]
+SIZES = [50, 100, 250, 500, 1000]
 
 
-def power_law_rows(model, slope, sizes=(50, 100, 250, 500, 1000), seeds=(0, 1, 2, 3), noise=0.05, scale=1.0, seed=0):
-    rng = np.random.default_rng(seed)
+def synthetic_rows(models, sizes=SIZES, seeds=(0, 1, 2), splits=(1,), noise=0.05, rng_seed=0):
+    """Rows of power-law learning curves: MAE = a * N^slope * 10^(noise * normal) per (model, N, seed, split)."""
+    rng = np.random.default_rng(rng_seed)
     rows = []
     for n in sizes:
-        for s in seeds:
-            f = scale * 100.0 * (n / 50.0) ** slope * np.exp(noise * rng.standard_normal())
-            rows.append({"model": model, "size": n, "seed": s, "split": 1,
-                         "forces_mae_meV_per_A": f, "energy_mae_meV": f / 5})
+        for seed in seeds:
+            for split in splits:
+                shared = rng.normal()  # what one replicate (data, initialisation) does to every model alike
+                for name, (a, slope, own) in models.items():
+                    value = a * n**slope * 10 ** (noise * (shared + own * rng.normal()))
+                    rows.append({"model": name, "dataset": "synthetic", "budget": "conv", "size": str(n),
+                                 "seed": str(seed), "split": str(split), "lr": "0.001",
+                                 "energy_mae_meV": f"{value / 3:.6g}", "forces_mae_meV_per_A": f"{value:.6g}"})
     return rows
 
 
-def test_slope_interval_covers_the_true_slope_and_shrinks_with_noise():
-    covered = 0
-    for k in range(40):  # a 95 % interval: it should cover the true slope in most synthetic data sets
-        true = -0.3 - 0.01 * k
-        fit = stats.slope_with_ci(power_law_rows("a", true, seed=k), "forces_mae_meV_per_A", "a", n_boot=400)
-        assert fit["ci"][0] <= fit["slope"] <= fit["ci"][1]
-        covered += fit["ci"][0] < true < fit["ci"][1]
-    assert covered >= 32
-    wide = stats.slope_with_ci(power_law_rows("a", -0.5, noise=0.3), "forces_mae_meV_per_A", "a")
-    narrow = stats.slope_with_ci(power_law_rows("a", -0.5, noise=0.02), "forces_mae_meV_per_A", "a")
-    assert narrow["ci"][1] - narrow["ci"][0] < wide["ci"][1] - wide["ci"][0]
-    one = stats.slope_with_ci(power_law_rows("a", -0.5, seeds=(0,)), "forces_mae_meV_per_A", "a")
-    assert one["ci_from_one_run_per_size"] and one["ci"][0] == pytest.approx(one["ci"][1])
-    assert stats.slope_with_ci(power_law_rows("a", -0.5, sizes=(50,)), "forces_mae_meV_per_A", "a") is None
+def test_aggregate_against_hand_values():
+    rows = [{"model": "m", "size": "10", "seed": str(s), "split": "1", "forces_mae_meV_per_A": str(v)}
+            for s, v in enumerate([1.0, 2.0, 4.0])]
+    agg = stats.aggregate(rows, "forces_mae_meV_per_A")["m"][10]
+    assert agg["mean"] == pytest.approx(7 / 3) and agg["n"] == 3
+    assert agg["std"] == pytest.approx(np.std([1, 2, 4], ddof=1)) and (agg["min"], agg["max"]) == (1.0, 4.0)
 
 
-def test_paired_test_finds_a_real_difference_and_not_a_null_one():
-    better = power_law_rows("a", -0.5, scale=0.8, seed=1)
-    worse = power_law_rows("b", -0.5, scale=1.0, seed=2)
-    same = power_law_rows("c", -0.5, scale=1.0, seed=3)
-    t = stats.paired_test(better + worse, "forces_mae_meV_per_A", "a", "b")
-    assert t["n_pairs"] == 20 and t["ratio_a_over_b"] == pytest.approx(0.8, rel=0.05)
-    assert t["t_p"] < 1e-3 and t["wilcoxon_p"] < 1e-3 and t["a_better_in"] >= 18
-    null = stats.paired_test(same + worse, "forces_mae_meV_per_A", "c", "b")
-    assert null["t_p"] > 0.01 and null["wilcoxon_p"] > 0.01
-    # pairs need the same size, seed and split: another split pairs with nothing
-    other_split = [dict(r, split=2) for r in worse]
-    assert stats.paired_test(better + other_split, "forces_mae_meV_per_A", "a", "b")["n_pairs"] == 0
+def test_slope_ci_contains_the_true_slope_and_narrows_with_runs():
+    rows = synthetic_rows({"m": (1000.0, -0.4, 1.0)}, seeds=range(5))
+    fit = stats.slopes(rows, "forces_mae_meV_per_A", n_boot=2000, seed=1)["m"]
+    lo, hi = fit["ci"]
+    assert lo < fit["slope"] < hi and hi - lo < 0.15  # one synthetic study: its CI may miss -0.4 (5 % of them do)
+    assert fit["slope"] == pytest.approx(-0.4, abs=0.08)
+    assert stats.slopes(rows, "forces_mae_meV_per_A", n_boot=2000, seed=1)["m"]["ci"] == [lo, hi]  # seeded
+    single = stats.slope_ci({50: [3.0], 1000: [1.0]})
+    assert single["ci"] is None and single["slope"] == pytest.approx(np.log10(1 / 3) / np.log10(20))
+    # the bootstrap CI covers the true slope in about 95 % of repeated synthetic studies
+    covered = [lo < -0.4 < hi for lo, hi in (stats.slopes(synthetic_rows({"m": (1000.0, -0.4, 1.0)}, rng_seed=k),
+                                                          "forces_mae_meV_per_A", 500, k)["m"]["ci"] for k in range(40))]
+    assert sum(covered) >= 30  # 3 runs per size: the percentile interval is somewhat too narrow, not far off
 
 
-def test_aggregate_mean_std_n():
-    rows = [{"model": "a", "size": 10, "x": v} for v in (1.0, 2.0, 3.0)] + [{"model": "a", "size": 20, "x": 5.0}]
-    agg = stats.aggregate(rows, "x")["a"]
-    assert agg[10] == {"mean": 2.0, "std": 1.0, "n": 3, "min": 1.0, "max": 3.0}
-    assert agg[20]["std"] == 0.0 and agg[20]["n"] == 1
+def test_paired_test_detects_a_clear_difference_and_not_a_null_one():
+    # b is 20 % better than a on every replicate, up to noise; c differs from a by noise only
+    rows = synthetic_rows({"a": (1000.0, -0.3, 0.2), "b": (800.0, -0.3, 0.2), "c": (1000.0, -0.3, 0.2)}, rng_seed=3)
+    clear = stats.paired_test(rows, "forces_mae_meV_per_A", "a", "b")
+    pooled = clear["pooled"]
+    assert pooled["n"] == 15 and pooled["ratio_b_over_a"] == pytest.approx(0.8, rel=0.05)
+    assert pooled["wilcoxon_p"] < 1e-3 and pooled["t_p"] < 1e-3 and pooled["b_better"] == 15
+    assert all(s["n"] == 3 and s["t_p"] < 0.05 for s in clear["per_size"].values())
+    assert all(s["wilcoxon_p"] == pytest.approx(0.25) for s in clear["per_size"].values())  # n = 3: the floor
+    null = stats.paired_test(rows, "forces_mae_meV_per_A", "a", "c")["pooled"]
+    assert null["n"] == 15 and null["wilcoxon_p"] > 0.05 and null["t_p"] > 0.05
+    with pytest.raises(ValueError, match="no rows of model"):
+        stats.paired_test(rows, "forces_mae_meV_per_A", "a", "zzz")
 
 
-def test_stats_command_writes_tables_and_refuses_unknown_models(tmp_path):
-    from mlpot.commands import main
+def test_pairs_are_matched_on_seed_and_split():
+    rows = synthetic_rows({"a": (10.0, -0.5, 1.0), "b": (10.0, -0.5, 1.0)}, sizes=[50], seeds=(0, 1), splits=(1, 2))
+    rows = [r for r in rows if not (r["model"] == "b" and r["seed"] == "1" and r["split"] == "2")]
+    test = stats.paired_test(rows, "forces_mae_meV_per_A", "a", "b")
+    assert test["per_size"][50]["replicates"] == [[0, 1], [0, 2], [1, 1]]
 
-    rows = power_law_rows("egnn", -0.6, scale=0.5) + power_law_rows("schnet", -0.4, seed=5)
+
+def test_stats_command_writes_json_and_markdown(tmp_path):
+    rows = synthetic_rows({"egnn-l2": (500.0, -0.35, 0.3), "schnet": (900.0, -0.25, 0.3)})
     path = tmp_path / "learning_curve.csv"
     with open(path, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    assert main(["study", "stats", str(path), "--compare", "egnn,schnet"]) in (0, None)
-    md = (tmp_path / "stats.md").read_text()
-    assert "± " in md and "Wilcoxon" in md and "| egnn | schnet |" in md
-    result = json.loads((tmp_path / "stats.json").read_text())
-    assert result["paired"][0]["n_pairs"] == 20
-    assert main(["study", "stats", str(path), "--compare", "egnn,mace"]) == 2
+    result = run(["study", "stats", str(path), "--compare", "schnet,egnn-l2", "--n-boot", "300"])
+    group = result["groups"][0]
+    assert group["slopes"]["forces_mae_meV_per_A"]["egnn-l2"]["ci"][0] < -0.35 < group["slopes"]["forces_mae_meV_per_A"]["egnn-l2"]["ci"][1]
+    assert {t["metric"] for t in group["paired"]} == set(stats.METRICS)
+    saved = json.loads((tmp_path / "stats.json").read_text())
+    assert saved["groups"][0]["paired"][0]["pooled"]["n"] == 15
+    text = (tmp_path / "stats.md").read_text()
+    assert "| force MAE | schnet | egnn-l2 | all | 15 |" in text and "±" in text
+    with pytest.raises(ValueError, match="no rows of model"):
+        run(["study", "stats", str(path), "--compare", "schnet,gcn"])
 
 
-def test_old_csv_gains_the_new_columns_when_a_row_is_appended(tmp_path):
+def test_model_variants_and_learning_rates():
+    r = variants.parse_model("egnn-l0@150k")
+    assert (r["hparams"]["lmax"], r["target_params"], r["energy_only"]) == (0, 150000, False)
+    assert variants.parse_model("gcn+energy")["energy_only"] and variants.parse_model("schnet@1.5M")["target_params"] == 1500000
+    for bad in ("gcn-l1", "egnn-l9", "mace", "egnn@", "schnet@lots"):
+        with pytest.raises(ValueError):
+            variants.parse_model(bad)
+    width, count = variants.match_width("schnet", variants.RECIPES["schnet"]["hparams"], 150000, [1, 6, 8])
+    assert abs(count - 150000) < 0.01 * 150000
+    for w in (width - 1, width + 1):  # the closest width
+        other = variants.count_parameters("schnet", {**variants.RECIPES["schnet"]["hparams"], "num_features": w}, [1, 6, 8])
+        assert abs(other - 150000) >= abs(count - 150000)
+    assert variants.resolve(variants.parse_model("schnet"), [1, 6, 8])["num_parameters"] == 58369  # the README's count
+    names = ["egnn-l1", "egnn-l0@150k", "schnet"]
+    assert variants.parse_lrs(None, names) == {n: None for n in names}
+    assert variants.parse_lrs("2e-3", names) == {n: 2e-3 for n in names}
+    assert variants.parse_lrs("egnn=3e-3,egnn-l1=1e-2", names) == {"egnn-l1": 1e-2, "egnn-l0@150k": 3e-3, "schnet": None}
+
+
+def test_budget_rules():
+    conv = lc.Budget("converged", steps_per_frame=40, min_steps=10000, max_steps=40000)
+    assert [conv.step_cap(n) for n in SIZES] == [10000, 10000, 10000, 20000, 40000]
+    s50, s1000 = conv.train_settings(50, 45), conv.train_settings(1000, 950)
+    assert s50["epochs"] == 1112 and s1000["epochs"] == 211  # ceil(cap / ceil(train / 5))
+    assert s50["early_stopping_patience"] == 112 and s1000["early_stopping_patience"] == 22
+    assert s1000["scheduler"] == "plateau" and s1000["lr_patience"] == 5
+    assert conv.label == "conv40x10000-40000" and lc.Budget("steps").label == "steps4000"
+    timed = lc.Budget("time", max_time=600)
+    assert timed.label == "time600s" and timed.train_settings(50, 45)["max_time"] == 600
+    with pytest.raises(ValueError, match="--max-time"):
+        lc.Budget("time")
+    cfg = lc.make_config(variants.parse_model("gcn+energy"), "rmd17_ethanol", 250, 0, "runs/x", seed=2, budget=conv,
+                         split=3, data_seed=2, lr=3e-3)
+    assert (cfg.data.index, cfg.data.seed, cfg.train.seed, cfg.train.lr, cfg.train.forces_weight) == (3, 2, 2, 3e-3, 0.0)
+    assert lc.replicates([0, 1, 2], [1, 2, 3], "zip") == [(0, 1), (1, 2), (2, 3)]
+    assert len(lc.replicates([0, 1], [1, 2, 3])) == 6
+
+
+def test_old_csv_is_upgraded_in_place(tmp_path):
     path = tmp_path / "learning_curve.csv"
-    old_fields = [f for f in learning_curve.CSV_FIELDS if f not in ("split", "patience")]
+    old = ["molecule", "dataset", "model", "size", "seed", "steps", "energy_mae_meV", "forces_mae_meV_per_A"]
     with open(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=old_fields)
+        csv.writer(fh).writerows([old, ["ethanol", "rmd17_ethanol", "gcn", "50", "1", "4000", "70", "260"]])
+    lc._append_row(path, {"model": "gcn", "size": 100, "seed": 0, "split": 2, "budget": "steps4000", "lr": "0.001"})
+    rows = list(csv.DictReader(open(path)))
+    assert list(rows[0]) == lc.CSV_FIELDS
+    assert (rows[0]["split"], rows[0]["data_seed"], rows[0]["budget"], rows[0]["forces_mae_meV_per_A"]) == ("1", "1", "steps4000", "260")
+    assert lc.row_key(rows[1]) == ("gcn", 100, 0, 2, "steps4000", "0.001")
+
+
+def test_converged_runs_over_seeds_and_splits_resume(tmp_path):
+    data = write_sgdml_npz(tmp_path / "ethanol_emt.npz", 30, seed=3)
+    out = tmp_path / "out"
+    args = ["study", "learning-curve", "--dataset", str(data), "--models", "gcn", "--sizes", "10,15", "--seeds", "0,1",
+            "--splits", "1,2", "--pairing", "zip", "--budget", "converged", "--steps-per-frame", "0.5", "--min-steps", "4",
+            "--max-steps", "6", "--patience", "1", "--test-size", "5", "--lr", "gcn=2e-3", "--output", str(out),
+            "--runs-dir", str(tmp_path / "runs"), *TINY]
+    result = run(args)
+    path = out / "learning_curve.csv"
+    rows = list(csv.DictReader(open(path)))
+    assert sorted((int(r["size"]), int(r["seed"]), int(r["split"])) for r in rows) == [(10, 0, 1), (10, 1, 2), (15, 0, 1), (15, 1, 2)]
+    assert {r["budget"] for r in rows} == {"conv0.5x4-6-p1"} and {r["lr"] for r in rows} == {"0.002"}
+    assert {r["stopped_by"] for r in rows} <= {"epochs", "early_stopping"} and all(int(r["patience"]) == 1 for r in rows)
+    assert all(int(r["num_parameters"]) > 0 and float(r["cpu_s"]) > 0 and r["val_forces_mae_meV_per_A"] for r in rows)
+    assert {r["data_seed"] for r in rows} == {"0", "1"}  # split k draws its frames with data seed k - 1
+    assert result["aggregate"]["forces_mae_meV_per_A"]["gcn"][10]["n"] == 2
+    assert (out / "learning_curve.png").stat().st_size > 0 and "±" in (out / "learning_curve.md").read_text()
+    # a rerun trains nothing; a finished run whose row was lost is read back from its folder
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=lc.CSV_FIELDS)
         writer.writeheader()
-        writer.writerow({k: {"model": "gcn", "size": 50, "seed": 0, "steps": 4000}.get(k, "1") for k in old_fields})
-    old = learning_curve._read_rows(path)[0]
-    assert learning_curve._row_key(old) == ("gcn", 50, 0, 1, 4000, 0)  # read as split 1, no early stopping
-    learning_curve._append_row(path, {"model": "gcn", "size": 100, "seed": 0, "split": 2, "steps": 4000, "patience": 20})
-    rows = learning_curve._read_rows(path)
-    assert list(rows[0]) == learning_curve.CSV_FIELDS
-    assert [learning_curve._row_key(r) for r in rows] == [("gcn", 50, 0, 1, 4000, 0), ("gcn", 100, 0, 2, 4000, 20)]
+        writer.writerows(rows[:-1])
+    run(args)
+    again = list(csv.DictReader(open(path)))
+    assert len(again) == 4 and again[-1]["note"] == "finished before"
+    assert again[-1]["forces_mae_meV_per_A"] == rows[-1]["forces_mae_meV_per_A"]
+    run(args)
+    assert len(list(csv.DictReader(open(path)))) == 4
 
 
-def test_converged_budget_config():
-    recipe = learning_curve.parse_model("schnet")
-    cfg = learning_curve.make_config(recipe, "rmd17_ethanol", 250, 8000, "runs/x", seed=2, split=3, patience=25)
-    assert cfg.data.index == 3 and cfg.train.early_stopping_patience == 25 and cfg.data.seed == 2
+def test_lr_search_picks_by_validation(tmp_path):
+    rows = [{"model": "m", "lr": lr, "energy_only": "0", "val_forces_mae_meV_per_A": v, "val_energy_mae_meV": "1"}
+            for lr, v in (("0.001", "30"), ("0.003", "20"), ("0.003", "24"), ("0.01", "21"))]
+    rows += [{"model": "e", "lr": "0.001", "energy_only": "1", "val_forces_mae_meV_per_A": "1", "val_energy_mae_meV": "9"},
+             {"model": "e", "lr": "0.01", "energy_only": "1", "val_forces_mae_meV_per_A": "99", "val_energy_mae_meV": "5"}]
+    chosen = lr_search.choose(rows)
+    assert chosen["best"] == {"m": 0.01, "e": 0.01} and chosen["validation_error"]["m"]["0.003"] == 22.0
+    path = tmp_path / "lr_search.json"
+    path.write_text(json.dumps({"best": {"m": 0.01}}))
+    assert variants.parse_lrs(str(path), ["m", "n"]) == {"m": 0.01, "n": None}

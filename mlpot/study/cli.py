@@ -1,4 +1,4 @@
-"""``mlpot study learning-curve|latent|irreps|symmetry``: the parsers and runners of the study subcommands."""
+"""``mlpot study learning-curve|lr-search|stats|latent|irreps|symmetry``: the parsers and runners of the study subcommands."""
 
 from __future__ import annotations
 
@@ -11,12 +11,46 @@ DATA_HELP = ("molecule (ethanol, toluene, aspirin: rMD17), dataset name or file 
              "(default: the model's training set)")
 
 
-def _common(p: argparse.ArgumentParser, output_default: str) -> None:
+def _common(p: argparse.ArgumentParser, output_default: str, seed: bool = True) -> None:
     p.add_argument("--output", default=None, help=f"output folder (default: {output_default})")
     p.add_argument("--data-dir", default=None, help="reference data folder (default: $MLPOT_DATA_DIR)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the data draws and the initialisation")
+    if seed:  # learning-curve and lr-search take --seeds and --splits instead
+        p.add_argument("--seed", type=int, default=0, help="seed of the data draws and the initialisation")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--device", default="cpu", help=argparse.SUPPRESS)
+
+
+def _learning_curve_options(p: argparse.ArgumentParser, lc) -> None:
+    """The options learning-curve and lr-search share: data, replicates, budget, run folders."""
+    p.add_argument("--molecule", default="ethanol", help="ethanol, toluene or aspirin (rMD17)")
+    p.add_argument("--seeds", default="0", help="comma list of initialisation seeds (weights and batch order)")
+    p.add_argument("--splits", default="1",
+                   help="comma list of data splits: rMD17 split files 1..5 (train frames drawn with data seed split - 1, "
+                        "tested on that split's test file); for a file dataset only the data seed")
+    p.add_argument("--pairing", default="product", choices=["product", "zip"],
+                   help="runs per model and size: every seed on every split (product) or seed i on split i (zip)")
+    p.add_argument("--budget", default="steps", choices=list(lc.BUDGETS),
+                   help="steps: a fixed number of steps; converged: early stopping on validation with a step cap "
+                        "that scales with N; time: --max-time seconds per run")
+    p.add_argument("--steps", type=int, default=lc.DEFAULT_STEPS,
+                   help=f"steps budget: optimizer steps of {lc.BATCH_SIZE} structures per run, every model and size")
+    p.add_argument("--steps-per-frame", type=float, default=40.0,
+                   help="converged budget: the step cap is this times N, clipped to [--min-steps, --max-steps]")
+    p.add_argument("--min-steps", type=int, default=10000, help="converged budget: smallest step cap")
+    p.add_argument("--max-steps", type=int, default=40000, help="converged budget: largest step cap")
+    p.add_argument("--patience", type=int, default=None,
+                   help="converged budget: epochs without a better validation loss before stopping "
+                        "(default: 10 %% of the epoch cap, at least 20)")
+    p.add_argument("--max-time", type=float, default=None,
+                   help="seconds of training per run: the budget of --budget time, an extra cap otherwise")
+    p.add_argument("--dataset", default=None, help="dataset name or file (default: rmd17_<molecule>)")
+    p.add_argument("--test-dataset", default=None, help="test file (default: the dataset's test split)")
+    p.add_argument("--test-size", type=int, default=None, help="test on a fixed random subset of this many frames (default: all)")
+    p.add_argument("--runs-dir", default=None, help="run folders (default: runs/study/<study>-<molecule>)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override applied to every run, e.g. train.compile=true (repeatable)")
+    p.add_argument("--n-boot", type=int, default=2000, help="bootstrap samples of each slope's confidence interval")
+    p.add_argument("--progress", action="store_true", help="show the trainer's per-epoch progress")
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -27,28 +61,42 @@ def add_parser(sub) -> argparse.ArgumentParser:
                            description="The invariant-vs-equivariant seed study; see examples/study/README.md.")
     ssub = study.add_subparsers(dest="study_command", required=True, metavar="STUDY", title="studies")
 
-    p = ssub.add_parser("learning-curve", help="train every model at every size under one budget; test MAE, log-log slopes",
-                        description="Train every model at every training-set size under one step budget;\n"
-                                    "test MAE per size and the log-log slopes.")
-    p.add_argument("--molecule", default="ethanol", help="ethanol, toluene or aspirin (rMD17, split 01)")
-    p.add_argument("--models", default=lc.DEFAULT_MODELS, help="comma list of gcn, schnet, egnn, egnn-lK")
+    p = ssub.add_parser("learning-curve", help="train every model at every size under one budget; test MAE, slopes, statistics",
+                        description="Train every model at every training-set size, seed and data split under one budget\n"
+                                    "rule; test MAE per run, mean and spread per size, log-log slopes with bootstrap CIs.")
+    _learning_curve_options(p, lc)
+    p.add_argument("--models", default=lc.DEFAULT_MODELS,
+                   help="comma list of KIND[-lK][@PARAMS][+energy]: gcn, schnet, egnn, egnn-l1, egnn-l0@150k, gcn+energy")
     p.add_argument("--sizes", default=lc.DEFAULT_SIZES, help="comma list of training configurations N = train + val")
-    p.add_argument("--steps", type=int, default=lc.DEFAULT_STEPS,
-                   help=f"optimizer steps of {lc.BATCH_SIZE} structures per run, every model and size")
-    p.add_argument("--max-time", type=float, default=None, help="also cap each run's training at this many seconds")
-    p.add_argument("--seeds", default="0", help="comma list of seeds (frames drawn from the split's training indices, initialisation)")
-    p.add_argument("--splits", default="1", help="comma list of rMD17 splits 1-5 (their own training and test indices)")
-    p.add_argument("--patience", type=int, default=None, help="early stopping: epochs without a better validation loss (default: off)")
-    p.add_argument("--steps-per-config", type=float, default=0.0,
-                   help="scale the budget with N: each run gets max(--steps, this x N) steps (default: 0, fixed steps)")
-    p.add_argument("--dataset", default=None, help="dataset name or file (default: rmd17_<molecule>)")
-    p.add_argument("--test-dataset", default=None, help="test file (default: the dataset's test split)")
-    p.add_argument("--test-size", type=int, default=None, help="test on a fixed random subset of this many frames (default: all)")
-    p.add_argument("--runs-dir", default=None, help="run folders (default: runs/study/learning-curve-<molecule>)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="config override applied to every run, e.g. model.hparams.num_features=16 (repeatable)")
-    p.add_argument("--progress", action="store_true", help="show the trainer's per-epoch progress")
-    _common(p, "mlpot-study-learning-curve-<molecule>")
+    p.add_argument("--lr", default=None,
+                   help="learning rate: one for all, name=rate pairs (a bare kind covers its variants) or an "
+                        "lr-search JSON file (default: each recipe's rate)")
+    p.add_argument("--compare", action="append", default=[], metavar="A,B",
+                   help="paired tests of model B against model A on the shared runs (repeatable)")
+    _common(p, "mlpot-study-learning-curve-<molecule>", seed=False)
+
+    p = ssub.add_parser("lr-search", help="the learning-rate search: every model at one size for each rate of a grid",
+                        description="Train every model at one size for each learning rate of a grid (learning-curve runs);\n"
+                                    "pick each model's rate by its validation error; write lr_search.json.")
+    _learning_curve_options(p, lc)
+    p.add_argument("--models", default=lc.DEFAULT_MODELS, help="comma list of models, as for learning-curve")
+    p.add_argument("--lrs", default="1e-3,3e-3,1e-2", help="comma list of learning rates")
+    p.add_argument("--size", type=int, default=250, help="training configurations N = train + val of the search")
+    _common(p, "mlpot-study-lr-search-<molecule>", seed=False)
+
+    p = ssub.add_parser("stats", help="statistics of a learning-curve CSV: spread, slope CIs, paired tests",
+                        description="Mean and spread per model and size, bootstrap confidence intervals of the log-log\n"
+                                    "slopes and paired tests between models, from a learning-curve CSV; JSON + markdown.")
+    p.add_argument("csv", metavar="CSV", help="learning_curve.csv of mlpot study learning-curve")
+    p.add_argument("--compare", action="append", default=[], metavar="A,B",
+                   help="paired tests of model B against model A on the shared (N, seed, split) runs (repeatable)")
+    p.add_argument("--models", default=None, help="comma list: only these models (default: all)")
+    p.add_argument("--budget", default=None, help="only rows of this budget label, e.g. steps4000 (default: each separately)")
+    p.add_argument("--sizes", default=None, help="comma list: only these sizes (default: all)")
+    p.add_argument("--n-boot", type=int, default=2000, help="bootstrap samples of each slope")
+    p.add_argument("--level", type=float, default=0.95, help="confidence level of the slope intervals")
+    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
+    p.add_argument("--output", default=None, help="output folder (default: the CSV's folder)")
 
     p = ssub.add_parser("stats", help="mean ± std per model and size, slope CIs, paired tests from a learning-curve CSV",
                         description="Statistics of a learning-curve CSV: mean and spread per model and size,\n"
@@ -115,18 +163,20 @@ def run(args):
     """Dispatch ``mlpot study <subcommand>``; returns the study's result dict."""
     if args.study_command == "learning-curve":
         from mlpot.study.learning_curve import run_learning_curve
+        from mlpot.study.lr_search import lr_kwargs
 
-        return run_learning_curve(
-            molecule=args.molecule, models=args.models, sizes=args.sizes, steps=args.steps, max_time=args.max_time,
-            seeds=args.seeds, dataset=args.dataset, test_size=args.test_size, output=args.output, runs_dir=args.runs_dir,
-            data_dir=args.data_dir, threads=args.threads, overrides=args.overrides, progress=args.progress,
-            test_dataset=args.test_dataset, splits=args.splits, patience=args.patience,
-            steps_per_config=args.steps_per_config,
-        )
+        return run_learning_curve(molecule=args.molecule, models=args.models, sizes=args.sizes, output=args.output,
+                                  lr=args.lr, compare=args.compare, **lr_kwargs(args))
+    if args.study_command == "lr-search":
+        from mlpot.study.lr_search import lr_kwargs, run_lr_search
+
+        return run_lr_search(molecule=args.molecule, models=args.models, lrs=args.lrs, size=args.size,
+                             output=args.output, **lr_kwargs(args))
     if args.study_command == "stats":
         from mlpot.study.stats import run_stats
 
-        return run_stats(args.csv, args.compare, args.output)
+        return run_stats(args.csv, args.compare, args.output, args.n_boot, args.seed, args.level, args.models,
+                         args.budget, args.sizes)
     if args.study_command == "latent":
         from mlpot.study.latent import run_latent
 

@@ -1,0 +1,87 @@
+"""``mlpot study lr-search``: the small, documented learning-rate search of the learning-curve study.
+
+Every model is trained at one size (default N = 250) with each rate of a grid (default 1e-3, 3e-3, 1e-2),
+under the same budget rule and on the same seeds/splits as the learning curve will use; the runs are
+ordinary learning-curve runs (rows of ``lr_search.csv``, resumable, skipped on a rerun). The rate of each
+model is the one with the lowest **validation** error (never the test error): the force MAE, or the
+energy MAE for energy-only (``+energy``) models, averaged over the runs. ``lr_search.json`` holds the
+whole grid and ``best`` (model -> rate), which ``mlpot study learning-curve --lr lr_search.json`` reads.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List
+
+import numpy as np
+
+from mlpot.study import learning_curve as lc
+from mlpot.study.common import output_dir, write_json
+from mlpot.study.variants import parse_model
+
+DEFAULT_LRS = "1e-3,3e-3,1e-2"
+
+
+def criterion(row: dict) -> str:
+    """The validation column that ranks the rates of a row's model."""
+    return "val_energy_mae_meV" if str(row.get("energy_only", "0")) == "1" else "val_forces_mae_meV_per_A"
+
+
+def choose(rows: List[dict]) -> dict:
+    """model -> {rate: mean validation error}, and ``best``: model -> the rate with the lowest mean."""
+    table: Dict[str, Dict[str, List[float]]] = {}
+    for r in rows:
+        value = r.get(criterion(r))
+        if value in (None, ""):
+            continue
+        table.setdefault(r["model"], {}).setdefault(lc.lr_text(r["lr"]), []).append(float(value))
+    means = {m: {lr: float(np.mean(v)) for lr, v in per.items()} for m, per in table.items()}
+    runs = {m: {lr: len(v) for lr, v in per.items()} for m, per in table.items()}
+    best = {m: float(min(per, key=lambda lr: (per[lr] if np.isfinite(per[lr]) else np.inf))) for m, per in means.items()}
+    return {"validation_error": means, "runs": runs, "best": best}
+
+
+def run_lr_search(molecule: str = "ethanol", models: str = lc.DEFAULT_MODELS, lrs: str = DEFAULT_LRS, size: int = 250,
+                  output=None, **kwargs) -> dict:
+    """Learning-curve runs at ``size`` for every rate of ``lrs``; writes lr_search.{csv,json,png,md} to ``output``."""
+    rates = [float(x) for x in str(lrs).split(",") if x.strip()]
+    if not rates:
+        raise ValueError("--lrs: give at least one learning rate")
+    names = [m.strip() for m in str(models).split(",") if m.strip()]
+    for name in names:
+        parse_model(name)
+    out = output_dir(output, f"mlpot-study-lr-search-{molecule}")
+    kwargs.setdefault("runs_dir", None)
+    if kwargs["runs_dir"] is None:
+        kwargs["runs_dir"] = f"runs/study/lr-search-{molecule}"
+    results = []
+    for rate in rates:
+        print(f"=== learning rate {rate:g} ===", flush=True)
+        results.append(lc.run_learning_curve(molecule=molecule, models=models, sizes=str(size), output=out, lr=rate,
+                                             csv_name="lr_search.csv", **kwargs))
+    rows = [r for res in results for r in res["table"]]
+    chosen = choose(rows)
+    summary = {
+        "molecule": molecule, "dataset": results[0]["dataset"], "size": size, "rates": rates, "models": names,
+        "budget": results[0]["budget"], "seeds": results[0]["seeds"], "splits": results[0]["splits"],
+        "criterion": "lowest mean validation force MAE (energy MAE for +energy models) over the runs; test errors unused",
+        **chosen,
+        "cpu_s_of_rows": round(sum(float(r["cpu_s"]) for r in rows if r.get("cpu_s")), 1),
+    }
+    write_json(out / "lr_search.json", summary)
+    width = max([8] + [len(n) for n in names])
+    print("validation error per rate (" + ", ".join(f"{r:g}" for r in rates) + "):")
+    for m in names:
+        per = chosen["validation_error"].get(m, {})
+        cells = "  ".join(f"{per[lc.lr_text(r)]:8.2f}" if lc.lr_text(r) in per else "       -" for r in rates)
+        print(f"  {m.ljust(width)}  {cells}   best {chosen['best'].get(m, float('nan')):g}")
+    print(f"wrote {out / 'lr_search.json'}; use it with: mlpot study learning-curve --lr {out / 'lr_search.json'}")
+    return summary
+
+
+def lr_kwargs(args) -> dict:
+    """The learning-curve keyword arguments shared by ``lr-search`` (from parsed CLI args)."""
+    return {k: getattr(args, k) for k in (
+        "steps", "max_time", "seeds", "dataset", "test_size", "runs_dir", "data_dir", "threads", "overrides",
+        "progress", "test_dataset", "splits", "pairing", "budget", "steps_per_frame", "min_steps", "max_steps",
+        "patience", "n_boot")}
+
