@@ -18,7 +18,7 @@ from conftest import make_tiny_potential
 
 SUBCOMMANDS = ["train", "eval", "deploy", "md", "relax", "vibrations", "study"]
 HIDDEN = {("mlpot md", "--molecule"), ("mlpot study learning-curve", "--device"), ("mlpot study latent", "--device"),
-          ("mlpot study irreps", "--device"), ("mlpot study symmetry", "--device")}
+          ("mlpot study irreps", "--device"), ("mlpot study symmetry", "--device"), ("mlpot study lr-search", "--device")}
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -69,7 +69,7 @@ def test_help_lists_every_subcommand_with_a_description(capsys):
 
 def test_help_text_has_no_markup_and_every_option_is_explained():
     parsers = all_parsers()
-    assert len(parsers) == 1 + len(SUBCOMMANDS) + 4  # the program, its subcommands, four studies
+    assert len(parsers) == 1 + len(SUBCOMMANDS) + 6  # the program, its subcommands, six studies
     for parser in parsers:
         text = parser.format_help()
         for markup in ("`", "**", "%(", ":func:", ":class:"):

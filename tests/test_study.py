@@ -185,18 +185,3 @@ def test_cartesian_baseline_is_not_rotation_invariant(ethanol):
     assert spreads["rotations"]["energy_spread_eV"] > 1e-3
     rots = symmetry.random_rotations(50, np.random.default_rng(0))
     assert np.allclose(np.linalg.det(rots), 1.0) and np.allclose(rots @ rots.transpose(0, 2, 1), np.eye(3))
-
-
-def test_converged_learning_curve_seeds_patience_and_intervals(tmp_path, frames_file):
-    args = ["study", "learning-curve", "--dataset", str(frames_file), "--models", "gcn", "--sizes", "10,15",
-            "--seeds", "0,1", "--steps", "4", "--steps-per-config", "0.5", "--patience", "2", "--test-size", "5",
-            "--output", str(tmp_path / "out"), "--runs-dir", str(tmp_path / "runs"), *TINY]
-    result = run(args)
-    rows = list(csv.DictReader(open(tmp_path / "out" / "learning_curve.csv")))
-    assert sorted((int(r["size"]), int(r["seed"]), int(r["steps"])) for r in rows) == [(10, 0, 5), (10, 1, 5), (15, 0, 8), (15, 1, 8)]
-    assert all(r["patience"] == "2" and r["split"] == "1" for r in rows)
-    lo, hi = result["slope_ci95"]["forces_mae_meV_per_A"]["gcn"]
-    assert lo <= result["slopes"]["forces_mae_meV_per_A"]["gcn"] <= hi
-    assert "±" in learning_curve.format_table(rows)
-    run(args)  # resumable: nothing retrained or appended
-    assert len(list(csv.DictReader(open(tmp_path / "out" / "learning_curve.csv")))) == 4

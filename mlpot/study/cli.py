@@ -98,14 +98,6 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
     p.add_argument("--output", default=None, help="output folder (default: the CSV's folder)")
 
-    p = ssub.add_parser("stats", help="mean ± std per model and size, slope CIs, paired tests from a learning-curve CSV",
-                        description="Statistics of a learning-curve CSV: mean and spread per model and size,\n"
-                                    "bootstrap 95 % intervals on the log-log slopes, paired tests between models.")
-    p.add_argument("csv", metavar="CSV", help="learning_curve.csv written by mlpot study learning-curve")
-    p.add_argument("--compare", action="append", default=[], metavar="A,B",
-                   help="paired test of model A against model B on the same size, seed and split (repeatable)")
-    p.add_argument("--output", default=None, help="folder for stats.md and stats.json (default: the CSV's folder)")
-
     p = ssub.add_parser("latent", help="t-SNE of pooled last-layer features; rank correlations and k-NN R^2",
                         description="t-SNE map of the pooled last-layer features of DATA, with rank correlations\n"
                                     "of latent distances and k-NN regression of energy and geometry.")
