@@ -82,6 +82,12 @@ def render(results: dict) -> str:
         lines.append(f"| {r['name']} | {r['change']} | {r['epochs']} | {r['test_energy_mae_meV']:.2f} | "
                      f"{r['test_forces_mae_meV_per_A']:.2f} | {vs} | {decision} |")
     lines += ["", "'better' needs a 3 % margin: one seed per variant, and run-to-run spread of a seed change is a few %."]
+    if base:
+        for r in rows:
+            same_batch = not any(o.startswith("train.batch_size") for o in r["overrides"])
+            if r is not base and same_batch and abs(r["epochs"] / base["epochs"] - 1) > 0.15:
+                lines.append(f"- {r['name']}: {r['epochs']} epochs against the baseline's {base['epochs']} at the same batch size: "
+                             "the two got different CPU shares, so the comparison is not yet fair; rerun both on a quiet machine.")
     return "\n".join(lines) + "\n"
 
 
