@@ -176,10 +176,8 @@ def make_config(recipe: dict, dataset: str, size: int, steps: int, run_dir, seed
 
 
 def _read_rows(path: Path) -> List[dict]:
-    if not path.is_file():
-        return []
-    with open(path, newline="") as fh:
-        return list(csv.DictReader(fh))
+    """The CSV's rows; none before the first run has written it."""
+    return stats.read_rows(path) if path.is_file() else []
 
 
 def _upgrade(row: dict) -> dict:
