@@ -2,6 +2,7 @@
 learning rates, and one tiny converged run over seeds and splits that a rerun resumes."""
 
 import csv
+import re
 import json
 
 import numpy as np
@@ -187,3 +188,30 @@ def test_lr_search_picks_by_validation(tmp_path):
     path = tmp_path / "lr_search.json"
     path.write_text(json.dumps({"best": {"m": 0.01}}))
     assert variants.parse_lrs(str(path), ["m", "n"]) == {"m": 0.01, "n": None}
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--splits", "1,x", "--splits '1,x': give a comma list of integers"),
+    ("--seeds", "a", "--seeds 'a': give a comma list of integers"),
+    ("--sizes", "50;100", "--sizes '50;100': give a comma list of integers"),
+    ("--splits", "6", "rMD17 splits are 1..5, got 6"),
+    ("--lr", "fast", "--lr 'fast': 'fast' is not a learning rate"),
+    ("--lr", "egnn=x", "'x' is not a learning rate"),
+])
+def test_bad_study_options_name_the_option(tmp_path, option, value, message):
+    """Bad values of the learning-curve options stop before any training with a message naming the option."""
+    from mlpot.study.learning_curve import run_learning_curve
+
+    kwargs = {"seeds": "0", "splits": "1", "sizes": "50", "lr": None, option.lstrip("-"): value}
+    with pytest.raises(ValueError, match=re.escape(message)):
+        run_learning_curve(molecule="ethanol", models="schnet", output=tmp_path / "out",
+                           runs_dir=tmp_path / "runs", **kwargs)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_bad_learning_rates_for_lr_search(tmp_path):
+    from mlpot.study.lr_search import run_lr_search
+
+    for lrs in ("1e-3,abc", "0", ""):
+        with pytest.raises(ValueError, match="--lrs"):
+            run_lr_search(models="schnet", lrs=lrs, output=tmp_path / "out", runs_dir=tmp_path / "runs")

@@ -333,8 +333,12 @@ def format_table(rows: List[dict]) -> str:
     return "\n".join(lines)
 
 
-def _ints(text) -> List[int]:
-    return [int(s) for s in str(text).split(",") if s.strip()]
+def _ints(text, option: str) -> List[int]:
+    """A comma list of integers given to ``option``; a ValueError naming the option otherwise."""
+    try:
+        return [int(s) for s in str(text).split(",") if s.strip()]
+    except ValueError:
+        raise ValueError(f"{option} {text!r}: give a comma list of integers") from None
 
 
 def replicates(seeds: Sequence[int], splits: Sequence[int], pairing: str = "product") -> List[tuple]:
@@ -372,8 +376,8 @@ def run_learning_curve(
     model_names = [m.strip() for m in str(models).split(",") if m.strip()]
     recipes = [parse_model(m) for m in model_names]
     lrs = parse_lrs(lr, model_names)
-    size_list = _ints(sizes)
-    reps = replicates(_ints(seeds), _ints(splits), pairing)
+    size_list = _ints(sizes, "--sizes")
+    reps = replicates(_ints(seeds, "--seeds"), _ints(splits, "--splits"), pairing)
     for s in size_list:
         split_sizes(s)
     for _, split in reps:
@@ -441,7 +445,7 @@ def run_learning_curve(
     paired = [stats.paired_test(rows, key, a, b) for a, b in pairs for key in stats.METRICS]
     summary = {
         "molecule": molecule, "dataset": dataset, "models": model_names, "sizes": size_list,
-        "seeds": _ints(seeds), "splits": _ints(splits), "pairing": pairing, "replicates": reps,
+        "seeds": _ints(seeds, "--seeds"), "splits": _ints(splits, "--splits"), "pairing": pairing, "replicates": reps,
         "budget": {"mode": rule.mode, "label": rule.label, "steps": steps if rule.mode == "steps" else None,
                    "steps_per_frame": steps_per_frame, "min_steps": min_steps, "max_steps": max_steps,
                    "patience": patience, "batch_size": BATCH_SIZE, "max_time_s": max_time,

@@ -43,9 +43,12 @@ def choose(rows: List[dict]) -> dict:
 def run_lr_search(molecule: str = "ethanol", models: str = lc.DEFAULT_MODELS, lrs: str = DEFAULT_LRS, size: int = 250,
                   output=None, **kwargs) -> dict:
     """Learning-curve runs at ``size`` for every rate of ``lrs``; writes lr_search.{csv,json,png,md} to ``output``."""
-    rates = [float(x) for x in str(lrs).split(",") if x.strip()]
-    if not rates:
-        raise ValueError("--lrs: give at least one learning rate")
+    try:
+        rates = [float(x) for x in str(lrs).split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--lrs {lrs!r}: give a comma list of learning rates") from None
+    if not rates or min(rates) <= 0:
+        raise ValueError(f"--lrs {lrs!r}: give at least one learning rate, each above 0")
     names = [m.strip() for m in str(models).split(",") if m.strip()]
     for name in names:
         parse_model(name)

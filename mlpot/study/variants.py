@@ -132,13 +132,20 @@ def parse_lrs(spec, names: Sequence[str]) -> Dict[str, Optional[float]]:
     from pathlib import Path
 
     out: Dict[str, Optional[float]] = {n: None for n in names}
+
+    def rate(text: str) -> float:
+        try:
+            return float(text)
+        except ValueError:
+            raise ValueError(f"--lr {spec!r}: {text!r} is not a learning rate") from None
+
     if spec in (None, ""):
         return out
     spec = str(spec)
     if Path(spec).is_file():
         mapping = {k: float(v) for k, v in json.loads(Path(spec).read_text())["best"].items()}
     elif "=" not in spec:
-        return {n: float(spec) for n in names}
+        return {n: rate(spec) for n in names}
     else:
         mapping = {}
         for item in spec.split(","):
@@ -147,7 +154,7 @@ def parse_lrs(spec, names: Sequence[str]) -> Dict[str, Optional[float]]:
             key, sep, value = item.partition("=")
             if not sep:
                 raise ValueError(f"--lr {spec!r}: give one rate, name=rate pairs or an lr-search JSON file")
-            mapping[key.strip()] = float(value)
+            mapping[key.strip()] = rate(value)
     for n in names:
         if n in mapping:
             out[n] = mapping[n]
