@@ -215,3 +215,17 @@ def test_bad_learning_rates_for_lr_search(tmp_path):
     for lrs in ("1e-3,abc", "0", ""):
         with pytest.raises(ValueError, match="--lrs"):
             run_lr_search(models="schnet", lrs=lrs, output=tmp_path / "out", runs_dir=tmp_path / "runs")
+
+
+def test_lr_searches_in_one_folder_merge(tmp_path):
+    """gcn cannot be compiled, so its search runs apart from the others: both land in one lr_search.json."""
+    data = write_sgdml_npz(tmp_path / "ethanol_emt.npz", 30, seed=3)
+    base = ["study", "lr-search", "--dataset", str(data), "--size", "10", "--lrs", "1e-3,2e-3", "--budget", "steps",
+            "--steps", "2", "--test-size", "5", "--output", str(tmp_path / "out"), "--runs-dir", str(tmp_path / "runs"),
+            *TINY]
+    run(base + ["--models", "gcn"])
+    summary = run(base + ["--models", "schnet", "--lrs", "2e-3,4e-3"])
+    saved = json.loads((tmp_path / "out" / "lr_search.json").read_text())
+    assert set(saved["best"]) == {"gcn", "schnet"} and saved["best"]["gcn"] in (1e-3, 2e-3)
+    assert saved["rates"] == [1e-3, 2e-3, 4e-3] and saved["runs"]["schnet"] == {"0.002": 1, "0.004": 1}
+    assert summary["best"] == saved["best"]

@@ -283,6 +283,9 @@ def plot(rows: List[dict], path: Path, title: str = "", fits: Optional[Dict[str,
         if key not in fits:
             fits[key] = fit_slopes(rows, key)
         agg = stats.aggregate(rows, key)
+        if len({int(r["size"]) for r in rows}) == 1:  # one size (an lr search): give the x axis a width
+            ax.set_xscale("log")
+            ax.set_xlim(int(rows[0]["size"]) / 1.5, int(rows[0]["size"]) * 1.5)
         for i, (name, rs) in enumerate(groups.items()):
             color = f"C{i % 10}"
             points = [(int(r["size"]), float(r[key])) for r in rs if stats._value(r, key) is not None]

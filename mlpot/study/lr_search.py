@@ -15,6 +15,7 @@ from typing import Dict, List
 import numpy as np
 
 from mlpot.study import learning_curve as lc
+from mlpot.study import stats
 from mlpot.study.common import output_dir, write_json
 from mlpot.study.variants import parse_model
 
@@ -61,8 +62,13 @@ def run_lr_search(molecule: str = "ethanol", models: str = lc.DEFAULT_MODELS, lr
         print(f"=== learning rate {rate:g} ===", flush=True)
         results.append(lc.run_learning_curve(molecule=molecule, models=models, sizes=str(size), output=out, lr=rate,
                                              csv_name="lr_search.csv", **kwargs))
-    rows = [r for res in results for r in res["table"]]
+    # every row of this size and budget in the folder, so that searches run separately (gcn, which cannot be
+    # compiled, with other --set options) end up in one ``best``
+    label = results[0]["budget"]["label"]
+    rows = [r for r in stats.read_rows(out / "lr_search.csv") if int(r["size"]) == size and r["budget"] == label]
     chosen = choose(rows)
+    names = list(dict.fromkeys([r["model"] for r in rows] + names))
+    rates = sorted(set(rates) | {float(r["lr"]) for r in rows if r.get("lr")})
     summary = {
         "molecule": molecule, "dataset": results[0]["dataset"], "size": size, "rates": rates, "models": names,
         "budget": results[0]["budget"], "seeds": results[0]["seeds"], "splits": results[0]["splits"],
