@@ -158,8 +158,8 @@ class MLPotCalculator(Calculator):
         periodic = bool(atoms.pbc.any())
         if periodic:  # the neighbour list's own check of the cell (zero volume, pbc without a cell), before any use
             neighbor_list(np.zeros((1, 3)), 1.0, atoms.cell.array, atoms.pbc)
-        if self.check_pbc and periodic != self.periodic_model:
-            trained = "periodic cells" if self.periodic_model else "isolated molecules (no periodic cell)"
+        if self.check_pbc and not export.takes_pbc(self.metadata, periodic):
+            trained = export.trained_on(self.metadata)
             given = f"pbc={atoms.pbc.tolist()}"
             raise ValueError(
                 f"this model was trained on {trained} but the structure has {given}; "

@@ -291,3 +291,41 @@ def test_frames_of_weight_zero_do_not_train(tmp_path):
     assert steps == 3 and sums["loss"] == 0.0 and sums["f"] > 0  # errors are there, the loss ignores them
     for name, value in trainer.potential.state_dict().items():
         assert torch.equal(value, before[name]), name
+
+
+def test_molecules_and_cells_in_one_file_deploy_a_model_that_takes_both(tmp_path):
+    """A file of isolated molecules and periodic cells: the deployed model says so (periodic and isolated)
+    and its calculator takes both kinds; a cells-only model still refuses a molecule."""
+    images = emt_bulk(8) + emt_molecules(2)
+    path = tmp_path / "mixed.extxyz"
+    ase.io.write(path, images, format="extxyz")
+    run_dir = tmp_path / "run"
+    cfg = config_from_dict({
+        "data": {"dataset": str(path), "train_size": 12, "val_size": 4},
+        "model": {"kind": "schnet", "cutoff": 4.0, "dtype": "float64", "hparams": {"num_features": 8, "num_layers": 1}},
+        "train": {"epochs": 1, "batch_size": 4, "num_threads": 1, "device": "cpu", "stress_weight": 1.0},
+        "run_dir": str(run_dir),
+    })
+    run_training(cfg, progress=False)  # the stress loss reads the cells' stresses only
+    _, meta = export.load(run_dir / "model.pt")
+    assert meta["periodic"] is True and meta["isolated"] is True
+    assert np.isfinite(json.loads((run_dir / "metrics.json").read_text())["test"]["forces_mae_meV_per_A"])
+    calc = MLPotCalculator(str(run_dir / "model.pt"), dtype="float64")
+    for atoms in (images[0].copy(), images[-1].copy()):
+        atoms.calc = calc
+        assert np.isfinite(atoms.get_potential_energy())
+    assert export.takes_pbc({"periodic": True}, True) and not export.takes_pbc({"periodic": True}, False)
+    assert export.takes_pbc({"periodic": False}, False) and not export.takes_pbc({"periodic": False}, True)
+    assert export.trained_on(meta) == "periodic cells and isolated molecules"
+
+
+def test_molecules_need_no_stress_beside_cells_that_have_one(tmp_path):
+    path = tmp_path / "mixed.extxyz"
+    ase.io.write(path, emt_bulk(2) + emt_molecules(1, names=("CH4",)), format="extxyz")
+    frames = read_frames(path)
+    assert frames.stress is not None and np.abs(frames.stress[2]).max() == 0 and np.abs(frames.stress[0]).max() > 0
+    bulk_without = emt_bulk(1)[0].copy()  # copy(): no calculator, so no stress
+    bulk_without.info["energy"], bulk_without.arrays["forces"] = -1.0, np.zeros((len(bulk_without), 3))
+    ase.io.write(path, emt_bulk(2) + [bulk_without], format="extxyz")
+    with pytest.raises(ValueError, match="frame 2 .periodic in all three directions. has no stress"):
+        read_frames(path)

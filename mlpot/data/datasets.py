@@ -112,7 +112,8 @@ class Frames:
         source: Path of the file the frames came from.
         cells: Cell vectors (rows) in Å, float64 (M, 3, 3); zeros for molecules (the default).
         pbc: Periodic directions, bool (M, 3); all False for molecules (the default).
-        stress: Stress in eV/Å^3, float64 (M, 3, 3) (ASE's sign: positive under tension), or None.
+        stress: Stress in eV/Å^3, float64 (M, 3, 3) (ASE's sign: positive under tension), or None; frames not
+            periodic in all three directions hold zeros there (their stress is undefined and never read).
         weights: Per-frame loss weights, float64 (M,), default 1.
     """
 
@@ -168,6 +169,11 @@ class Frames:
     def periodic(self) -> bool:
         """Whether any frame is periodic in any direction."""
         return bool(self.pbc.any())
+
+    @property
+    def isolated(self) -> bool:
+        """Whether any frame is an isolated structure (periodic in no direction)."""
+        return bool((~self.pbc.any(axis=1)).any())
 
     def subset(self, indices: Sequence[int] | np.ndarray) -> Frames:
         """Returns the frames at the given indices, in that order (with their cells, pbc, stress, weights)."""
@@ -492,11 +498,16 @@ def _read_with_ase(path: Path, name: str, energy_key: str = "energy", forces_key
         weight = next((atoms.info[k] for k in WEIGHT_KEYS if k in atoms.info), 1.0)
         weights.append(weight)
     with_stress = [s is not None for s in stresses]
-    if any(with_stress) and not all(with_stress):
-        raise ValueError(
-            f"{path}: frame {with_stress.index(False)} has no stress but frame {with_stress.index(True)} has; "
-            f"label every frame with {stress_key!r} or none"
-        )
+    if any(with_stress):
+        # a molecule or slab has no stress: it keeps zeros, which no loss or metric reads (metrics.stress_labels)
+        missing = [i for i, (s, atoms) in enumerate(zip(stresses, images)) if s is None and atoms.pbc.all()]
+        if missing:
+            raise ValueError(
+                f"{path}: frame {missing[0]} (periodic in all three directions) has no stress but frame "
+                f"{with_stress.index(True)} has; label every bulk frame with {stress_key!r} or none"
+            )
+        stresses = [np.zeros((3, 3)) if s is None else s for s in stresses]
+        with_stress = [True] * len(stresses)
     try:
         weights = np.asarray(weights, dtype=np.float64)
     except (TypeError, ValueError) as error:

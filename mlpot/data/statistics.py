@@ -143,7 +143,7 @@ def training_ranges(frames: Frames) -> Dict[str, object]:
 def fit_statistics(frames: Frames, species: List[int], cutoff: float, e0s="auto") -> Dict[str, object]:
     """All of the above as plain data (stored in training checkpoints): ``energy_shift`` (list, eV),
     ``e0s`` (``{"mode": ..., "eV": {symbol: E0}}``, see :func:`energy_shift`), ``energy_scale`` (eV/Å),
-    ``avg_num_neighbors``, ``min_pair_distances`` (Å), ``periodic`` (any periodic frame)."""
+    ``avg_num_neighbors``, ``min_pair_distances`` (Å), ``periodic`` (any periodic frame), ``isolated`` (any frame without a periodic direction)."""
     shift, mode = energy_shift(frames, species, e0s)
     return {
         "energy_shift": shift.tolist(),
@@ -152,5 +152,6 @@ def fit_statistics(frames: Frames, species: List[int], cutoff: float, e0s="auto"
         "avg_num_neighbors": avg_num_neighbors(frames, cutoff),
         "min_pair_distances": min_pair_distances(frames),
         "periodic": frames.periodic,
+        "isolated": frames.isolated,
         **training_ranges(frames),
     }

@@ -88,10 +88,9 @@ class MLPotModel(ModelInterface):
         """One graph per system, joined; ``_offset`` moves ``positions`` into the graphs' frame (float64)."""
         pbc = _pbc(state)
         periodic = bool(pbc.any())
-        if periodic != self.periodic_model:
-            trained = "periodic cells" if self.periodic_model else "isolated molecules (no periodic cell)"
-            raise ValueError(f"this model was trained on {trained} but the TorchSim state has pbc={pbc.tolist()}; "
-                             f"build the state with pbc={self.periodic_model}")
+        if not export.takes_pbc(self.metadata, periodic):
+            raise ValueError(f"this model was trained on {export.trained_on(self.metadata)} but the TorchSim state "
+                             f"has pbc={pbc.tolist()}; build the state with pbc={self.periodic_model}")
         if periodic and not pbc.all():
             raise ValueError(f"MLPotModel runs molecules or cells periodic in all three directions, got pbc={pbc.tolist()}")
         numbers = state.atomic_numbers.cpu().numpy()

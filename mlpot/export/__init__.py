@@ -23,6 +23,8 @@ from mlpot.export.metadata import (
     metadata_of,
     read_metadata,
     sniff,
+    takes_pbc,
+    trained_on,
 )
 from mlpot.export.torchscript import compile_potential, potential_from_deployed, potential_from_scripted
 from mlpot.version import FORMAT_VERSION
@@ -31,5 +33,5 @@ __all__ = [
     "AOTIModel", "AOTI_INPUTS", "AOTI_KINDS", "CHECKPOINT", "EnergyAndForces", "FOREIGN_TORCHSCRIPT", "FORMATS",
     "FORMAT_VERSION", "METADATA_FILE", "NOT_A_ZIP", "carried_metadata", "compile_potential", "compiled_copy",
     "example_graph", "load", "metadata_of", "output_disagreement", "potential_from_deployed",
-    "potential_from_scripted", "read_metadata", "save", "sniff",
+    "potential_from_scripted", "read_metadata", "save", "sniff", "takes_pbc", "trained_on",
 ]

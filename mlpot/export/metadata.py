@@ -105,11 +105,26 @@ def metadata_of(potential, **extra) -> dict:
         "cutoff": potential.cutoff,
         "dtype": name_of(potential.energy_scale.dtype),
         "units": {"energy": "eV", "length": "Å", "forces": "eV/Å"},
-        "periodic": False,  # trained on isolated molecules; training on cells sets True
+        "periodic": False,  # trained on isolated molecules; training on cells sets True (and "isolated": True
+                            # when the training data held both)
         "hparams": potential.hparams,
     }
     meta.update(extra)
     return meta
+
+
+def takes_pbc(meta: dict, periodic: bool) -> bool:
+    """Whether a model with this metadata was trained on structures of this periodicity (``periodic``:
+    periodic in some direction). Files without ``isolated`` were trained on one kind only."""
+    trained_periodic = bool(meta.get("periodic", False))
+    return trained_periodic if periodic else bool(meta.get("isolated", not trained_periodic))
+
+
+def trained_on(meta: dict) -> str:
+    """What a model was trained on, for error messages."""
+    if not meta.get("periodic", False):
+        return "isolated molecules (no periodic cell)"
+    return "periodic cells and isolated molecules" if meta.get("isolated") else "periodic cells"
 
 
 def carried_metadata(meta: dict, potential) -> dict:

@@ -640,11 +640,14 @@ def deploy(cfg: Config, potential, test_metrics: Dict[str, float]) -> Path:
     set's ranges (shortest pair distances, longest nearest-neighbour distances, compositions: the
     calculators warn outside them), its E0s (``e0s``: mode and eV per
     element) and ``periodic: true`` when the training data was periodic (the calculators then take
-    periodic cells)."""
+    periodic cells), with ``isolated: true`` as well when it also held isolated structures (the calculators
+    then take both)."""
     run_dir = Path(cfg.run_dir)
     stats = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=False)["statistics"]
     path = run_dir / "model.pt"
     extra = {"periodic": True} if stats.get("periodic") else {}
+    if stats.get("periodic") and stats.get("isolated"):
+        extra["isolated"] = True
     for key in ("e0s", "init", "max_nearest_distances", "training_compositions"):  # the reference energies; the file fine-tuning started from
         if key in stats:
             extra[key] = stats[key]

@@ -48,16 +48,14 @@ def read_structures(data: str, split: Optional[str] = None, index: int = 1) -> L
 def _check(structures: Sequence[Atoms], meta: dict, model: str) -> None:
     """One-line errors for elements the model does not know and for periodicity it was not trained on."""
     known = set(int(z) for z in meta["species"])
-    periodic_model = bool(meta.get("periodic", False))
     for i, atoms in enumerate(structures):
         unknown = sorted(set(atoms.numbers.tolist()) - known)
         if unknown:
             symbols = ", ".join(ase.data.chemical_symbols[z] for z in unknown)
             raise ValueError(f"structure {i} holds {symbols}, which {model} was not trained on")
-        if bool(atoms.pbc.any()) != periodic_model:
-            trained = "periodic cells" if periodic_model else "isolated molecules"
+        if not export.takes_pbc(meta, bool(atoms.pbc.any())):
             raise ValueError(
-                f"structure {i} has pbc={atoms.pbc.tolist()} but {model} was trained on {trained}; "
+                f"structure {i} has pbc={atoms.pbc.tolist()} but {model} was trained on {export.trained_on(meta)}; "
                 f"set the file's pbc (extxyz: pbc=\"T T T\" or \"F F F\") to match"
             )
 
