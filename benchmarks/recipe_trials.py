@@ -79,13 +79,20 @@ def render(results: dict) -> str:
         else:
             ratio = r["test_forces_mae_meV_per_A"] / base["test_forces_mae_meV_per_A"]
             vs, decision = f"{ratio:.2f}x", ("better: keep" if ratio < 0.97 else "dropped")
+            if r.get("shared_machine") != base.get("shared_machine"):
+                decision = "not comparable: " + ("this run" if r.get("shared_machine") else "the baseline") + \
+                    " shared the machine (rerun)"
         lines.append(f"| {r['name']} | {r['change']} | {r['epochs']} | {r['test_energy_mae_meV']:.2f} | "
                      f"{r['test_forces_mae_meV_per_A']:.2f} | {vs} | {decision} |")
     lines += ["", "'better' needs a 3 % margin: one seed per variant, and run-to-run spread of a seed change is a few %."]
+    if any(r.get("shared_machine") for r in rows):
+        lines.append("- shared machine: run in an earlier session while other jobs took CPU time from it (far fewer epochs "
+                     "than a quiet core gives in the same budget); compared only with runs made the same way.")
     if base:
         for r in rows:
             same_batch = not any(o.startswith("train.batch_size") for o in r["overrides"])
-            if r is not base and same_batch and abs(r["epochs"] / base["epochs"] - 1) > 0.15:
+            if (r is not base and same_batch and abs(r["epochs"] / base["epochs"] - 1) > 0.15
+                    and r.get("shared_machine") == base.get("shared_machine")):
                 lines.append(f"- {r['name']}: {r['epochs']} epochs against the baseline's {base['epochs']} at the same batch size: "
                              "the two got different CPU shares, so the comparison is not yet fair; rerun both on a quiet machine.")
     return "\n".join(lines) + "\n"
