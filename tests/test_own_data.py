@@ -243,18 +243,23 @@ def test_weighted_loss_scales_each_frame():
     assert loss(x, torch.tensor([0.0, 1.0])) == 2.0  # frame 0 counts for nothing
 
 
+def train_tiny_schnet(path, run_dir, train_size: int, val_size: int, **train):
+    """A float64 SchNet of 8 features and 1 layer trained on the file ``path`` into ``run_dir`` (returned)."""
+    cfg = config_from_dict({
+        "data": {"dataset": str(path), "train_size": train_size, "val_size": val_size},
+        "model": {"kind": "schnet", "cutoff": 4.0, "dtype": "float64", "hparams": {"num_features": 8, "num_layers": 1}},
+        "train": {"batch_size": 4, "num_threads": 1, "device": "cpu", **train},
+        "run_dir": str(run_dir),
+    })
+    run_training(cfg, progress=False)
+    return run_dir
+
+
 def test_periodic_training_deploys_a_periodic_model(tmp_path):
     images = emt_bulk(16)
     path = tmp_path / "bulk.extxyz"
     ase.io.write(path, images, format="extxyz")
-    run_dir = tmp_path / "run"
-    cfg = config_from_dict({
-        "data": {"dataset": str(path), "train_size": 10, "val_size": 3},
-        "model": {"kind": "schnet", "cutoff": 4.0, "dtype": "float64", "hparams": {"num_features": 8, "num_layers": 1}},
-        "train": {"epochs": 2, "batch_size": 4, "num_threads": 1, "device": "cpu"},
-        "run_dir": str(run_dir),
-    })
-    run_training(cfg, progress=False)
+    run_dir = train_tiny_schnet(path, tmp_path / "run", 10, 3, epochs=2)
     model = run_dir / "model.pt"
     _, meta = export.load(model)
     assert meta["periodic"] is True
@@ -299,14 +304,7 @@ def test_molecules_and_cells_in_one_file_deploy_a_model_that_takes_both(tmp_path
     images = emt_bulk(8) + emt_molecules(2)
     path = tmp_path / "mixed.extxyz"
     ase.io.write(path, images, format="extxyz")
-    run_dir = tmp_path / "run"
-    cfg = config_from_dict({
-        "data": {"dataset": str(path), "train_size": 12, "val_size": 4},
-        "model": {"kind": "schnet", "cutoff": 4.0, "dtype": "float64", "hparams": {"num_features": 8, "num_layers": 1}},
-        "train": {"epochs": 1, "batch_size": 4, "num_threads": 1, "device": "cpu", "stress_weight": 1.0},
-        "run_dir": str(run_dir),
-    })
-    run_training(cfg, progress=False)  # the stress loss reads the cells' stresses only
+    run_dir = train_tiny_schnet(path, tmp_path / "run", 12, 4, epochs=1, stress_weight=1.0)  # stress loss: the cells' only
     _, meta = export.load(run_dir / "model.pt")
     assert meta["periodic"] is True and meta["isolated"] is True
     assert np.isfinite(json.loads((run_dir / "metrics.json").read_text())["test"]["forces_mae_meV_per_A"])

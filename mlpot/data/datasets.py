@@ -507,7 +507,6 @@ def _read_with_ase(path: Path, name: str, energy_key: str = "energy", forces_key
                 f"{with_stress.index(True)} has; label every bulk frame with {stress_key!r} or none"
             )
         stresses = [np.zeros((3, 3)) if s is None else s for s in stresses]
-        with_stress = [True] * len(stresses)
     try:
         weights = np.asarray(weights, dtype=np.float64)
     except (TypeError, ValueError) as error:
@@ -521,7 +520,7 @@ def _read_with_ase(path: Path, name: str, energy_key: str = "energy", forces_key
         source=str(path),
         cells=np.array([atoms.cell.array for atoms in images]),
         pbc=np.array([atoms.pbc for atoms in images]),
-        stress=np.array(stresses) if all(with_stress) else None,
+        stress=np.array(stresses) if any(with_stress) else None,
         weights=weights,
     )
 

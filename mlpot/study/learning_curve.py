@@ -380,7 +380,8 @@ def run_learning_curve(
     recipes = [parse_model(m) for m in model_names]
     lrs = parse_lrs(lr, model_names)
     size_list = _ints(sizes, "--sizes")
-    reps = replicates(_ints(seeds, "--seeds"), _ints(splits, "--splits"), pairing)
+    seed_list, split_list = _ints(seeds, "--seeds"), _ints(splits, "--splits")
+    reps = replicates(seed_list, split_list, pairing)
     for s in size_list:
         split_sizes(s)
     for _, split in reps:
@@ -448,7 +449,7 @@ def run_learning_curve(
     paired = [stats.paired_test(rows, key, a, b) for a, b in pairs for key in stats.METRICS]
     summary = {
         "molecule": molecule, "dataset": dataset, "models": model_names, "sizes": size_list,
-        "seeds": _ints(seeds, "--seeds"), "splits": _ints(splits, "--splits"), "pairing": pairing, "replicates": reps,
+        "seeds": seed_list, "splits": split_list, "pairing": pairing, "replicates": reps,
         "budget": {"mode": rule.mode, "label": rule.label, "steps": steps if rule.mode == "steps" else None,
                    "steps_per_frame": steps_per_frame, "min_steps": min_steps, "max_steps": max_steps,
                    "patience": patience, "batch_size": BATCH_SIZE, "max_time_s": max_time,
