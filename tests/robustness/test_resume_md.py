@@ -1,4 +1,4 @@
-"""``mlpot md`` killed (SIGKILL and SIGTERM, at seeded random moments after a checkpoint) and continued
+"""``mlpot md`` killed (SIGKILL and SIGTERM, at seeded moments just after seeded checkpoints) and continued
 with ``--resume`` ends bit for bit where an uninterrupted run ends: the trajectory (positions, momenta,
 energies, forces), the log and the summary (all but its wall times); no kill leaves a file half written.
 """
@@ -93,10 +93,13 @@ def test_killed_md_resumes_bit_identical(tmp_path):
 
     rng = np.random.default_rng(SEED)
     out = tmp_path / "run"
+    # Each kill waits for a checkpoint at or past a seeded step (20..100 of 160), then a seeded 0-50 ms: the
+    # kill lands mid-run however fast or slow the machine is (a wall-clock-only delay could outlast the run).
+    at_steps = sorted(int(s) for s in rng.choice(np.arange(20, 101, 20), size=3, replace=False))
     kills = []
-    for number, sig in enumerate((signal.SIGKILL, signal.SIGTERM, signal.SIGKILL)):
+    for number, (sig, at_step) in enumerate(zip((signal.SIGKILL, signal.SIGTERM, signal.SIGKILL), at_steps)):
         args = md_args(structure, out, *(["--resume"] if number else []))
-        kills.append(launch_and_kill(args, out, sig, float(rng.uniform(0.0, 0.6))))
+        kills.append(launch_and_kill(args, out, sig, float(rng.uniform(0.0, 0.05)), at_step=at_step))
         check_after_kill(out)
     print("kills:", *kills, sep="\n  ")
     with open(out / STATE_FILE, "rb") as fh:
