@@ -46,8 +46,6 @@ def test_supercell_energy_per_atom_equals_primitive(potential):
     np.testing.assert_allclose(forces8, np.tile(forces, (8, 1)), rtol=0, atol=1e-10)
 
 
-@pytest.mark.parametrize("kind", ["egnn", "schnet", pytest.param("gcn", marks=pytest.mark.xfail(
-    strict=True, reason="GCN's gcn_norm takes an atom's edge to its own image for the self loop it adds"))])
 def test_cell_smaller_than_the_cutoff_matches_its_supercell(kind):
     # 3.2 Å < cutoff: every atom sees images of itself; the 3x3x3 supercell (9.6 Å) is larger than 2 cutoffs
     potential = make_tiny_potential(kind, torch.float64, cutoff=CUTOFF)
@@ -57,6 +55,26 @@ def test_cell_smaller_than_the_cutoff_matches_its_supercell(kind):
     energy27, forces27 = energy_forces(potential, supercell)
     assert energy27 / len(supercell) == pytest.approx(energy / len(atoms), rel=1e-10)
     np.testing.assert_allclose(forces27, np.tile(forces, (27, 1)), rtol=0, atol=1e-10)
+
+
+def test_gcn_layer_equals_pyg_gcnconv_where_no_atom_meets_its_own_image():
+    # the self loops mlpot's GCN adds itself (so that an edge to an atom's own image stays an edge) give
+    # PyG's GCNConv numbers wherever PyG's own loops are right: on graphs without i -> i edges
+    from torch_geometric.nn import GCNConv
+
+    from mlpot.models.gcn import DistanceGCNConv
+
+    torch.manual_seed(0)
+    ours, pyg = DistanceGCNConv(6, 5).double(), GCNConv(6, 5).double()
+    pyg.load_state_dict(ours.state_dict())
+    x = torch.randn(7, 6, dtype=torch.float64)
+    edge_index = torch.tensor([[0, 1, 1, 2, 3, 4, 5, 6, 2], [1, 0, 2, 1, 4, 3, 6, 5, 5]])
+    weight = torch.rand(edge_index.shape[1], dtype=torch.float64)
+    torch.testing.assert_close(ours(x, edge_index, weight), pyg(x, edge_index, weight), rtol=1e-12, atol=1e-12)
+    # with an i -> i edge (an image of itself), it is a neighbour beside the loop, not the loop
+    loops = torch.cat([edge_index, torch.tensor([[3], [3]])], dim=1)
+    w = torch.cat([weight, torch.tensor([0.5], dtype=torch.float64)])
+    assert not torch.allclose(ours(x, loops, w), pyg(x, loops, w))
 
 
 def test_equivalent_cells_give_the_same_energy_and_forces(potential):

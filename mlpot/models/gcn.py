@@ -13,16 +13,22 @@ from mlpot.nn.radial import CosineCutoff, GaussianBasis, edge_vectors
 
 
 class DistanceGCNConv(GCNConv):
-    """PyG's GCNConv restricted to dense edge weights.
+    """PyG's GCNConv restricted to dense edge weights, with a self loop on every atom.
 
     The parent's forward also accepts sparse adjacency types; their TorchScript code does not load
-    back without torch_sparse, so this forward takes plain tensors only. Same parameters and maths.
+    back without torch_sparse, so this forward takes plain tensors only. It adds the self loops
+    itself: PyG adds one only to nodes without an ``i -> i`` edge, but in a periodic cell smaller
+    than the cutoff an atom's edge to its own image is such an edge, and taking it as the loop would
+    make the cell's energy differ from its supercell's. Same parameters; the same maths on molecules.
     """
 
     def forward(self, x: Tensor, edge_index: Tensor, edge_weight: Tensor) -> Tensor:
-        edge_index, edge_weight = gcn_norm(
-            edge_index, edge_weight, x.size(0), self.improved, self.add_self_loops, self.flow, x.dtype
-        )
+        n = x.size(0)
+        if self.add_self_loops:
+            loop = torch.arange(n, device=edge_index.device, dtype=edge_index.dtype)
+            edge_index = torch.cat([edge_index, torch.stack([loop, loop])], dim=1)
+            edge_weight = torch.cat([edge_weight, edge_weight.new_full((n,), 2.0 if self.improved else 1.0)])
+        edge_index, edge_weight = gcn_norm(edge_index, edge_weight, n, self.improved, False, self.flow, x.dtype)
         out = self.propagate(edge_index, x=self.lin(x), edge_weight=edge_weight)
         if self.bias is not None:
             out = out + self.bias
