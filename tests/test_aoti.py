@@ -188,3 +188,14 @@ def test_unknown_format_and_unsupported_kind_are_refused(tmp_path):
     with pytest.raises(ValueError, match="use torchscript"):
         export.save(make_tiny_potential("gcn"), tmp_path / "x.pt2", format="aoti")
     assert not list(tmp_path.iterdir())
+
+
+def test_md_compile_on_a_gcn_file_is_a_one_line_error(tmp_path, capsys):
+    model, structure = tmp_path / "gcn.pt", tmp_path / "ethanol.xyz"
+    export.save(make_tiny_potential("gcn"), model, format="torchscript")
+    ase.io.write(structure, perturbed_ethanol(seed=3))
+    rc = commands.main(["md", str(model), str(structure), "--time", "5fs", "--compile", "--quiet",
+                        "--output", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert rc != 0 and len(err.splitlines()) == 1 and "run it without compile" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()

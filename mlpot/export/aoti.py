@@ -227,6 +227,9 @@ def compiled_copy(path, dtype: Optional[torch.dtype] = None, cache_dir=None) -> 
         if dtype is not None and dtype_of(meta["dtype"]) != dtype:
             raise ValueError(f"{path} is compiled for {meta['dtype']}; compile its TorchScript file for {dtype}")
         return path
+    if meta["kind"] not in AOTI_KINDS:
+        raise ValueError(f"{path} holds a {meta['kind']} model; compile (AOTInductor) builds only "
+                         f"{' and '.join(AOTI_KINDS)} models: run it without compile")
     dtype_name = meta["dtype"] if dtype is None else name_of(dtype)
     digest = hashlib.sha256(path.read_bytes())
     # "virial": builds cached before the virial output are not reused
