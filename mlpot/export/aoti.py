@@ -133,13 +133,18 @@ def _compile(potential, path) -> None:
     _verify(function.potential, path)
 
 
+def _require_compilable(kind: str, remedy: str) -> None:
+    """A one-line ValueError, ending in ``remedy``, unless AOTInductor can compile a ``kind`` model."""
+    if kind not in AOTI_KINDS:
+        raise ValueError(
+            f"the aoti format compiles {' and '.join(AOTI_KINDS)} models; a {kind} model's message passing "
+            f"(PyG's GCN normalisation) has data-dependent shapes that torch.export cannot compile: {remedy}"
+        )
+
+
 def save_aoti(potential, path, meta: dict) -> None:
     """Compile ``potential`` with AOTInductor (a minute or two) and write it with ``meta`` to ``path`` atomically."""
-    if potential.kind not in AOTI_KINDS:
-        raise ValueError(
-            f"the aoti format compiles {' and '.join(AOTI_KINDS)} models; a {potential.kind} model's message passing "
-            f"(PyG's GCN normalisation) has data-dependent shapes that torch.export cannot compile: use torchscript"
-        )
+    _require_compilable(potential.kind, "use torchscript")
     meta["outputs"] = list(AOTI_OUTPUTS)  # in place: save() returns the metadata written
     with atomic_path(path, suffix=".tmp.pt2") as tmp:  # AOTInductor insists on a .pt2 name
         _compile(potential, tmp)
@@ -227,9 +232,7 @@ def compiled_copy(path, dtype: Optional[torch.dtype] = None, cache_dir=None) -> 
         if dtype is not None and dtype_of(meta["dtype"]) != dtype:
             raise ValueError(f"{path} is compiled for {meta['dtype']}; compile its TorchScript file for {dtype}")
         return path
-    if meta["kind"] not in AOTI_KINDS:
-        raise ValueError(f"{path} holds a {meta['kind']} model; compile (AOTInductor) builds only "
-                         f"{' and '.join(AOTI_KINDS)} models: run it without compile")
+    _require_compilable(meta["kind"], "run it without compile")
     dtype_name = meta["dtype"] if dtype is None else name_of(dtype)
     digest = hashlib.sha256(path.read_bytes())
     # "virial": builds cached before the virial output are not reused
