@@ -229,3 +229,5 @@ def test_lr_searches_in_one_folder_merge(tmp_path):
     assert set(saved["best"]) == {"gcn", "schnet"} and saved["best"]["gcn"] in (1e-3, 2e-3)
     assert saved["rates"] == [1e-3, 2e-3, 4e-3] and saved["runs"]["schnet"] == {"0.002": 1, "0.004": 1}
     assert summary["best"] == saved["best"]
+    table = (tmp_path / "out" / "lr_search.md").read_text()  # every model and rate of the folder, not the last call's
+    assert "| model | 0.001 | 0.002 | 0.004 | best |" in table and "| gcn |" in table and "| schnet | - |" in table

@@ -14,6 +14,7 @@ from typing import Dict, List
 
 import numpy as np
 
+from mlpot import files
 from mlpot.study import learning_curve as lc
 from mlpot.study import stats
 from mlpot.study.common import output_dir, write_json
@@ -39,6 +40,17 @@ def choose(rows: List[dict]) -> dict:
     runs = {m: {lr: len(v) for lr, v in per.items()} for m, per in table.items()}
     best = {m: float(min(per, key=lambda lr: (per[lr] if np.isfinite(per[lr]) else np.inf))) for m, per in means.items()}
     return {"validation_error": means, "runs": runs, "best": best}
+
+
+def rate_table(chosen: dict, names: List[str], rates: List[float]) -> str:
+    """Markdown: mean validation error of each model (rows) at each rate (columns), and the rate chosen."""
+    lines = ["| model | " + " | ".join(f"{r:g}" for r in rates) + " | best |",
+             "|---|" + "---|" * (len(rates) + 1)]
+    for m in names:
+        per = chosen["validation_error"].get(m, {})
+        cells = " | ".join(f"{per[lc.lr_text(r)]:.2f}" if lc.lr_text(r) in per else "-" for r in rates)
+        lines.append(f"| {m} | {cells} | {chosen['best'].get(m, float('nan')):g} |")
+    return "\n".join(lines)
 
 
 def run_lr_search(molecule: str = "ethanol", models: str = lc.DEFAULT_MODELS, lrs: str = DEFAULT_LRS, size: int = 250,
@@ -77,13 +89,13 @@ def run_lr_search(molecule: str = "ethanol", models: str = lc.DEFAULT_MODELS, lr
         "cpu_s_of_rows": round(sum(float(r["cpu_s"]) for r in rows if r.get("cpu_s")), 1),
     }
     write_json(out / "lr_search.json", summary)
-    width = max([8] + [len(n) for n in names])
-    print("validation error per rate (" + ", ".join(f"{r:g}" for r in rates) + "):")
-    for m in names:
-        per = chosen["validation_error"].get(m, {})
-        cells = "  ".join(f"{per[lc.lr_text(r)]:8.2f}" if lc.lr_text(r) in per else "       -" for r in rates)
-        print(f"  {m.ljust(width)}  {cells}   best {chosen['best'].get(m, float('nan')):g}")
-    print(f"wrote {out / 'lr_search.json'}; use it with: mlpot study learning-curve --lr {out / 'lr_search.json'}")
+    table = rate_table(chosen, names, rates)
+    # replaces the last rate's learning-curve statistics that run_learning_curve wrote under this name
+    files.write_text(out / "lr_search.md", f"# Learning-rate search: {out / 'lr_search.csv'}\n\n"
+                     f"N = {size}, budget {label}; {summary['criterion']}.\n\n{table}\n")
+    print(table)
+    print(f"wrote {out / 'lr_search.json'}, {out / 'lr_search.md'}; use it with: "
+          f"mlpot study learning-curve --lr {out / 'lr_search.json'}")
     return summary
 
 
