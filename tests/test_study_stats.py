@@ -231,3 +231,26 @@ def test_lr_searches_in_one_folder_merge(tmp_path):
     assert summary["best"] == saved["best"]
     table = (tmp_path / "out" / "lr_search.md").read_text()  # every model and rate of the folder, not the last call's
     assert "| model | 0.001 | 0.002 | 0.004 | best |" in table and "| gcn |" in table and "| schnet | - |" in table
+
+
+def test_stats_reads_one_csv_per_model_as_one(tmp_path):
+    rows = synthetic_rows({"egnn-l2": (500.0, -0.35, 0.3), "schnet": (900.0, -0.25, 0.3)})
+    paths = []
+    for model in ("egnn-l2", "schnet"):
+        path = tmp_path / f"ethanol-{model}" / "learning_curve.csv"
+        path.parent.mkdir()
+        with open(path, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(r for r in rows if r["model"] == model)
+        paths.append(path)
+    result = run(["study", "stats", *map(str, paths), "--compare", "schnet,egnn-l2", "--n-boot", "300"])
+    assert result["groups"][0]["paired"][0]["pooled"]["n"] == 15
+    assert (tmp_path / "stats.json").is_file() and (tmp_path / "stats.md").is_file()
+    again = run(["study", "stats", str(paths[0]), str(paths[0]), str(paths[1]), "--output", str(tmp_path / "x")])
+    assert again["groups"][0]["paired"] == [] and len(again["csv"]) == 2  # a file named twice is read once
+    copy = tmp_path / "copy" / "learning_curve.csv"
+    copy.parent.mkdir()
+    copy.write_text(paths[0].read_text())
+    with pytest.raises(ValueError, match="is in both"):
+        run(["study", "stats", str(paths[0]), str(copy), "--output", str(tmp_path / "x")])

@@ -87,7 +87,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p = ssub.add_parser("stats", help="statistics of a learning-curve CSV: spread, slope CIs, paired tests",
                         description="Mean and spread per model and size, bootstrap confidence intervals of the log-log\n"
                                     "slopes and paired tests between models, from a learning-curve CSV; JSON + markdown.")
-    p.add_argument("csv", metavar="CSV", help="learning_curve.csv of mlpot study learning-curve")
+    p.add_argument("csv", metavar="CSV", nargs="+",
+                   help="learning_curve.csv of mlpot study learning-curve; several (e.g. one per model's folder) are read as one")
     p.add_argument("--compare", action="append", default=[], metavar="A,B",
                    help="paired tests of model B against model A on the shared (N, seed, split) runs (repeatable)")
     p.add_argument("--models", default=None, help="comma list: only these models (default: all)")
@@ -96,7 +97,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--n-boot", type=int, default=2000, help="bootstrap samples of each slope")
     p.add_argument("--level", type=float, default=0.95, help="confidence level of the slope intervals")
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
-    p.add_argument("--output", default=None, help="output folder (default: the CSV's folder)")
+    p.add_argument("--output", default=None, help="output folder (default: the CSV's folder; for several, their common folder)")
 
     p = ssub.add_parser("latent", help="t-SNE of pooled last-layer features; rank correlations and k-NN R^2",
                         description="t-SNE map of the pooled last-layer features of DATA, with rank correlations\n"

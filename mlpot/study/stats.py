@@ -181,7 +181,8 @@ def _fmt_p(p: Optional[float]) -> str:
 
 def markdown(result: dict) -> str:
     """The tables of :func:`run_stats`'s result."""
-    lines = [f"# Learning-curve statistics: {result['csv']}", ""]
+    source = result["csv"] if isinstance(result["csv"], str) else ", ".join(result["csv"])
+    lines = [f"# Learning-curve statistics: {source}", ""]
     for group in result["groups"]:
         lines += [f"## {group['dataset']}, budget {group['budget']}", ""]
         for key, label in METRICS.items():
@@ -238,17 +239,36 @@ def parse_compare(specs: Sequence[str]) -> List[Tuple[str, str]]:
     return pairs
 
 
+def read_csvs(paths: Sequence[Path]) -> List[dict]:
+    """The rows of several learning-curve CSVs as one list; a run (model, budget, N, seed, split) twice is an error."""
+    rows, seen = [], {}
+    for path in paths:
+        if not path.is_file():
+            raise FileNotFoundError(f"no learning-curve CSV at {path}")
+        for row in read_rows(path):
+            key = (row["model"], budget_of(row), int(row["size"])) + replicate(row)
+            if key in seen and seen[key] != path:
+                raise ValueError(f"run {key[0]} {key[1]} N={key[2]} seed {key[3]} split {key[4]} is in both "
+                                 f"{seen[key]} and {path}: keep it in one")
+            seen[key] = path
+            rows.append(row)
+    return rows
+
+
 def run_stats(csv_path, compare: Sequence[str] = (), output=None, n_boot: int = 2000, seed: int = 0,
               level: float = 0.95, models: Optional[str] = None, budget: Optional[str] = None,
               sizes: Optional[str] = None) -> dict:
-    """``mlpot study stats``: read ``csv_path``, write ``stats.json`` and ``stats.md`` next to it (or in ``output``)."""
+    """``mlpot study stats``: read ``csv_path`` (one path or several, read as one), write ``stats.json`` and
+    ``stats.md`` next to it (for several, in their common folder) or in ``output``."""
+    import os
+
     from mlpot import files
     from mlpot.study.common import output_dir, write_json
 
-    csv_path = Path(csv_path)
-    if not csv_path.is_file():
-        raise FileNotFoundError(f"no learning-curve CSV at {csv_path}")
-    rows = read_rows(csv_path)
+    paths = [Path(p) for p in ([csv_path] if isinstance(csv_path, (str, Path)) else csv_path)]
+    paths = [p for i, p in enumerate(paths) if p.resolve() not in {q.resolve() for q in paths[:i]}]  # a file named twice is read once
+    rows = read_csvs(paths)
+    name = str(paths[0]) if len(paths) == 1 else f"{len(paths)} CSVs"
     if models:
         keep = {m.strip() for m in models.split(",")}
         rows = [r for r in rows if r["model"] in keep]
@@ -258,16 +278,17 @@ def run_stats(csv_path, compare: Sequence[str] = (), output=None, n_boot: int = 
         keep_sizes = {int(s) for s in sizes.split(",")}
         rows = [r for r in rows if int(r["size"]) in keep_sizes]
     if not rows:
-        raise ValueError(f"{csv_path}: no rows left after the filters")
+        raise ValueError(f"{name}: no rows left after the filters")
     pairs = parse_compare(compare)
     known = {r["model"] for r in rows} | {name for name in series(rows)}
     for a, b in pairs:
-        for name in (a, b):
-            if name not in known:
-                raise ValueError(f"--compare: no rows of model {name!r} in {csv_path} (there are: {', '.join(sorted(known))})")
-    result = {"csv": str(csv_path), "level": level, "n_boot": n_boot, "seed": seed,
+        for model in (a, b):
+            if model not in known:
+                raise ValueError(f"--compare: no rows of model {model!r} in {name} (there are: {', '.join(sorted(known))})")
+    result = {"csv": [str(p) for p in paths] if len(paths) > 1 else str(paths[0]), "level": level, "n_boot": n_boot, "seed": seed,
               "groups": analyse(rows, pairs, n_boot, seed, level)}
-    out = output_dir(output, str(csv_path.parent))
+    folder = paths[0].parent if len(paths) == 1 else os.path.commonpath([os.path.abspath(p.parent) for p in paths])
+    out = output_dir(output, str(folder))
     write_json(out / "stats.json", result)
     text = markdown(result)
     files.write_text(out / "stats.md", text + "\n")
