@@ -103,7 +103,7 @@ def write_frames(molecule: str, seed: int, test_every: int) -> dict:
             a.info["rmd17_index"] = int(i)
             a.calc = SinglePointCalculator(a, energy=e, forces=f.copy())
             atoms_list.append(a)
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")  # per process: two drivers may write the same file at once
         ase.io.write(tmp, atoms_list, format="extxyz")
         tmp.replace(path)
     return {"paths": paths, "train_index": [int(i) for i in train_idx], "val_index": [int(i) for i in val_idx],
