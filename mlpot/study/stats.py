@@ -255,6 +255,13 @@ def read_csvs(paths: Sequence[Path]) -> List[dict]:
     return rows
 
 
+def read_csv_paths(csv_path) -> Tuple[List[Path], List[dict]]:
+    """The paths (a file named twice kept once) and rows of one learning-curve CSV or several, read as one."""
+    paths = [Path(p) for p in ([csv_path] if isinstance(csv_path, (str, Path)) else csv_path)]
+    paths = [p for i, p in enumerate(paths) if p.resolve() not in {q.resolve() for q in paths[:i]}]
+    return paths, read_csvs(paths)
+
+
 def run_stats(csv_path, compare: Sequence[str] = (), output=None, n_boot: int = 2000, seed: int = 0,
               level: float = 0.95, models: Optional[str] = None, budget: Optional[str] = None,
               sizes: Optional[str] = None) -> dict:
@@ -265,9 +272,7 @@ def run_stats(csv_path, compare: Sequence[str] = (), output=None, n_boot: int = 
     from mlpot import files
     from mlpot.study.common import output_dir, write_json
 
-    paths = [Path(p) for p in ([csv_path] if isinstance(csv_path, (str, Path)) else csv_path)]
-    paths = [p for i, p in enumerate(paths) if p.resolve() not in {q.resolve() for q in paths[:i]}]  # a file named twice is read once
-    rows = read_csvs(paths)
+    paths, rows = read_csv_paths(csv_path)
     name = str(paths[0]) if len(paths) == 1 else f"{len(paths)} CSVs"
     if models:
         keep = {m.strip() for m in models.split(",")}
