@@ -1,4 +1,4 @@
-"""``mlpot study learning-curve|lr-search|stats|latent|irreps|symmetry``: the parsers and runners of the study subcommands."""
+"""``mlpot study learning-curve|lr-search|stats|protocol|latent|irreps|symmetry``: the parsers and runners of the study subcommands."""
 
 from __future__ import annotations
 
@@ -99,6 +99,27 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
     p.add_argument("--output", default=None, help="output folder (default: the CSV's folder; for several, their common folder)")
 
+    p = ssub.add_parser("protocol", help="energy-only vs force training: per-epoch curves, ethanol MD histograms",
+                        description="The blog's protocol beside force training, from learning-curve runs: per-epoch train\n"
+                                    "and validation curves of every model and size (energy-only models beside their\n"
+                                    "force-trained twin), and histograms of ethanol's C-C, C-O and C-C-O from a short\n"
+                                    "Langevin MD of each model against the reference frames; table + JSON.")
+    p.add_argument("csv", metavar="CSV", nargs="+",
+                   help="learning_curve.csv of mlpot study learning-curve; several (e.g. one per model's folder) are read as one")
+    p.add_argument("--models", default=None, help="comma list: only these models (default: all)")
+    p.add_argument("--sizes", default=None, help="comma list: only these sizes (default: all)")
+    p.add_argument("--budget", default=None, help="only runs of this budget label, e.g. steps4000 (needed when there are several)")
+    p.add_argument("--no-md", action="store_true", help="skip the MD and the histograms (the curves work for any molecule)")
+    p.add_argument("--md-steps", type=int, default=20000, help="MD steps per model (ethanol only)")
+    p.add_argument("--md-timestep", type=float, default=0.5, help="MD time step, fs")
+    p.add_argument("--temperature", type=float, default=500.0, help="Langevin temperature, K (rMD17 ethanol: 500 K)")
+    p.add_argument("--md-seed", type=int, default=0, help="seed of the initial velocities and the Langevin noise")
+    p.add_argument("--md-runs", default="first", choices=["first", "all"],
+                   help="MD of one run per model and size (the lowest seed and split with a model.pt) or of every run")
+    p.add_argument("--output", default=None, help="output folder (default: mlpot-study-protocol-<molecule>)")
+    p.add_argument("--data-dir", default=None, help="reference data folder (default: $MLPOT_DATA_DIR)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+
     p = ssub.add_parser("latent", help="t-SNE of pooled last-layer features; rank correlations and k-NN R^2",
                         description="t-SNE map of the pooled last-layer features of DATA, with rank correlations\n"
                                     "of latent distances and k-NN regression of energy and geometry.")
@@ -170,6 +191,11 @@ def run(args):
 
         return run_stats(args.csv, args.compare, args.output, args.n_boot, args.seed, args.level, args.models,
                          args.budget, args.sizes)
+    if args.study_command == "protocol":
+        from mlpot.study.protocol import run_protocol
+
+        return run_protocol(args.csv, args.models, args.sizes, args.budget, args.output, not args.no_md, args.md_steps,
+                            args.md_timestep, args.temperature, args.md_seed, args.md_runs, args.data_dir)
     if args.study_command == "latent":
         from mlpot.study.latent import run_latent
 
