@@ -136,3 +136,20 @@ def test_bad_inputs_give_one_line(tmp_path, runs, capsys):
     assert not (tmp_path / "out").exists()  # refused before anything was written
     assert main(["study", "protocol", str(path), "--no-md", "--output", str(tmp_path / "out")]) == 0
     shutil.rmtree(tmp_path / "out")
+
+
+def test_curves_read_the_logs_kept_beside_the_csv_when_run_folders_are_gone(tmp_path, runs):
+    kept = sorted((runs.parent / "logs").glob("*/*.csv.gz"))
+    assert len(kept) == 4  # learning-curve keeps every run's log.csv beside its CSV
+    folder = tmp_path / "committed"
+    shutil.copytree(runs.parent, folder)  # the CSV and its logs/, as committed; the run folders stay behind
+    rows = _rows(folder / "learning_curve.csv")
+    for r in rows:
+        r["run_dir"] = str(tmp_path / "elsewhere" / r["model"] / r["run_dir"].rsplit("/", 1)[-1])
+    with open(folder / "learning_curve.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    result = run(["study", "protocol", str(folder / "learning_curve.csv"), "--no-md", "--output", str(tmp_path / "out")])
+    assert result["missing_runs"] == []
+    assert len(_rows(tmp_path / "out" / "protocol_curves.csv")) == sum(int(r["epochs_run"]) for r in rows)

@@ -217,6 +217,24 @@ def _append_row(path: Path, row: dict) -> None:
         fh.flush()
 
 
+def kept_log_path(folder: Path, model: str, run_dir) -> Path:
+    """Where the learning curve keeps a copy of a run's per-epoch log.csv: ``folder/logs/<model>/<run>.csv.gz``."""
+    return Path(folder) / "logs" / model / f"{Path(run_dir).name}.csv.gz"
+
+
+def keep_log(folder: Path, model: str, run_dir) -> None:
+    """Copy the run's log.csv (gzipped) beside the learning-curve CSV, which is committed while run folders
+    are not, so that per-epoch curves (``mlpot study protocol``) outlive the run folder."""
+    import gzip
+
+    source, target = Path(run_dir) / "log.csv", kept_log_path(folder, model, run_dir)
+    if not source.is_file() or target.is_file():
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    data = source.read_bytes()
+    files.atomic_write(target, lambda tmp: tmp.write_bytes(gzip.compress(data, mtime=0)))
+
+
 def lr_text(lr: float) -> str:
     return f"{float(lr):.3g}"
 
@@ -402,10 +420,11 @@ def run_learning_curve(
         key = (recipe["name"], size, seed, split, rule.label, lr_text(rate))
         wanted.add(key)
         tag = f"[{k}/{len(todo)}] {recipe['name']} N={size} seed {seed} split {split}"
+        run_dir = runs / recipe["name"] / f"n{size}-split{split}-seed{seed}-{rule.label}-lr{lr_text(rate)}"
         if key in done:
+            keep_log(out, recipe["name"], run_dir)  # a run of an older version that kept none, if its folder is here
             print(f"{tag}: already in {csv_path}, skipped", flush=True)
             continue
-        run_dir = runs / recipe["name"] / f"n{size}-split{split}-seed{seed}-{rule.label}-lr{lr_text(rate)}"
         data_seed = split - 1
         cfg = make_config(recipe, dataset, size, steps, run_dir, seed, test_size, max_time, threads, data_dir, overrides,
                           test_dataset, budget=rule, split=split, data_seed=data_seed, lr=rate)
@@ -434,6 +453,7 @@ def run_learning_curve(
             "val_forces_mae_meV_per_A": round(metrics["val"]["forces_mae_meV_per_A"], 4), "run_dir": str(run_dir), "note": note,
         }
         _append_row(csv_path, row)
+        keep_log(out, recipe["name"], run_dir)
         print(
             f"{tag}: E MAE {row['energy_mae_meV']:.2f} meV, F MAE {row['forces_mae_meV_per_A']:.2f} meV/Å, "
             f"{row['steps_run']} steps ({row['stopped_by']}), {wall:.0f} s wall, {cpu:.0f} s CPU "

@@ -85,12 +85,23 @@ def select_rows(rows: List[dict], models: Optional[str] = None, sizes: Optional[
     return rows
 
 
-def read_log(row: dict) -> Optional[List[dict]]:
-    """The per-epoch rows of a run's log.csv, or None when the run folder or its log is gone."""
+def read_log(row: dict, csv_folders: Sequence[Path] = ()) -> Optional[List[dict]]:
+    """The per-epoch rows of a run's log.csv: from its run folder, else the copy that the learning curve kept
+    beside one of the CSVs (``logs/<model>/<run>.csv.gz``); None when neither is there."""
+    import gzip
+
+    from mlpot.study.learning_curve import kept_log_path
+
     if not row.get("run_dir"):
         return None
     path = Path(row["run_dir"]) / "log.csv"
-    return stats.read_rows(path) if path.is_file() else None
+    if path.is_file():
+        return stats.read_rows(path)
+    for folder in csv_folders:
+        kept = kept_log_path(folder, row["model"], row["run_dir"])
+        if kept.is_file():
+            return list(csv.DictReader(io.StringIO(gzip.decompress(kept.read_bytes()).decode())))
+    return None
 
 
 def _run_label(row: dict) -> str:
@@ -377,14 +388,14 @@ def run_protocol(csv_path, models: Optional[str] = None, sizes: Optional[str] = 
     # 1. curves
     logs, missing, table = {}, [], []
     for r in rows:
-        log = read_log(r)
+        log = read_log(r, [p.parent for p in paths])
         if log:
             logs[id(r)] = curve_rows(r, log, num_atoms)
             table += logs[id(r)]
         else:
-            missing.append({"run": _run_label(r), "run_dir": r.get("run_dir", ""), "reason": "no run folder or log.csv"})
+            missing.append({"run": _run_label(r), "run_dir": r.get("run_dir", ""), "reason": "no run folder or kept log"})
     for m in missing:
-        print(f"warning: {m['run']}: {m['run_dir'] or 'no run_dir'} has no log.csv; left out", flush=True)
+        print(f"warning: {m['run']}: {m['run_dir'] or 'no run_dir'} has no log.csv and no copy was kept beside the CSV; left out", flush=True)
     if not logs:
         raise ValueError(f"none of the {len(rows)} runs has its run folder (log.csv) any more; "
                          "run from the folder the runs were trained in")
