@@ -33,7 +33,7 @@ def _deploy(path, kind, frames_file, **hparams):
 @pytest.fixture(scope="module")
 def tiny_egnn(tmp_path_factory, frames_file):
     path = tmp_path_factory.mktemp("model") / "egnn.pt"
-    # seed 1: the latent study's untrained control is built with seed 0 and must differ from the model
+    # untrained, seed 1: the latent study's untrained control with init seed 1 is this very model
     return _deploy(path, "egnn", frames_file, seed=1, num_features=4, num_layers=2, radial_hidden=8, parity=False)
 
 
@@ -71,13 +71,15 @@ def test_learning_curve_rows_plot_and_resume(tmp_path, frames_file):
 
 
 def test_latent_numbers_and_figure(tmp_path, tiny_egnn, frames_file):
-    result = run(["study", "latent", tiny_egnn, str(frames_file), "--frames", "30", "--perplexity", "5",
+    result = run(["study", "latent", tiny_egnn, str(frames_file), "--frames", "30", "--perplexities", "5",
                   "--pairs", "500", "--k", "3", "--output", str(tmp_path)])
     assert result["embedding"].shape == (30, 2) and np.isfinite(result["embedding"]).all()
     assert set(result["knn_r2"]) == {"energy_eV", "C-C_A", "C-O_A", "C-C-O_deg"}  # ethanol: geometry too
     names = {"energy_eV", "C-C_A", "C-O_A", "C-C-O_deg", "geometry"}
-    blocks = [result, result["control_untrained"], result["control_distances"]]
-    for block in blocks:
+    untrained = result["control_untrained"]
+    assert untrained["init_seeds"] == [0, 1, 2, 3, 4]
+    blocks = [result, untrained["per_seed"][0], result["control_distances"]]
+    for block in [*blocks, untrained]:
         assert set(block["spearman_latent_distance_vs"]) == names
         assert all(np.isfinite(v["mean"]) for v in block["knn_r2"].values())
     # each control is computed from its own features, not copied from the model's
@@ -96,7 +98,8 @@ def test_spearman_of_latent_distances_against_hand_values():
     x = np.array([[0.0], [1.0], [3.0]])
     targets = {"same": np.array([0.0, 2.0, 6.0]), "reverse": np.array([0.0, 3.0, 1.0]),
                "one-three-two": np.array([0.0, 1.0, -2.0])}
-    rho = latent.distance_correlations(x, targets, geometry=np.array([[0.0, 5], [0, 10], [0, 20]]), pairs=20000, seed=0)
+    targets["geometry"] = np.array([[0.0, 5], [0, 10], [0, 20]])
+    rho = latent.spearman_tests({"x": x}, targets, *latent.random_pairs(3, 20000, seed=0))["x"]["spearman_latent_distance_vs"]
     assert rho["same"] == pytest.approx(1.0, abs=1e-12) and rho["geometry"] == pytest.approx(1.0, abs=1e-12)
     assert rho["reverse"] == pytest.approx(-1.0, abs=1e-12)  # a pair i == i (0 apart in both) would break this
     assert rho["one-three-two"] == pytest.approx(0.5, abs=0.03)  # 20000 random pairs: 0.495-0.512 over seeds 0-4
