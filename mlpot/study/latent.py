@@ -12,8 +12,9 @@ default; for one molecule sum = mean x atom count, so nothing but the scale chan
 * A p-value for every ρ and R^2: a one-sided permutation test of "no relation". The target is
   permuted across frames ``--permutations`` times (seeded by ``--seed``; the pairs, folds and
   features stay fixed, and every feature set meets the same permutations), and
-  p = (1 + #{permuted statistic >= observed}) / (N + 1), so p >= 1 / (N + 1). Not corrected for the
-  number of tests.
+  p = (1 + #{permuted statistic >= observed}) / (N + 1), so p >= 1 / (N + 1). Frames, not pairs, are
+  permuted: pairs that share a frame are not independent, and the test keeps that. Not corrected
+  for the number of tests.
 * The same numbers for two controls: the same architecture with random (untrained) weights, once
   per seed of ``--init-seeds`` (each seed's numbers, and their mean, std (ddof 1), min and max over
   the seeds), and the raw geometry (the vector of all interatomic distances) in place of the features.
