@@ -33,7 +33,7 @@ def _deploy(path, kind, frames_file, **hparams):
 @pytest.fixture(scope="module")
 def tiny_egnn(tmp_path_factory, frames_file):
     path = tmp_path_factory.mktemp("model") / "egnn.pt"
-    # seed 1: the latent study's untrained control is built with seed 0 and must differ from the model
+    # untrained, seed 1: the latent study's untrained control with init seed 1 is this very model
     return _deploy(path, "egnn", frames_file, seed=1, num_features=4, num_layers=2, radial_hidden=8, parity=False)
 
 
@@ -71,13 +71,15 @@ def test_learning_curve_rows_plot_and_resume(tmp_path, frames_file):
 
 
 def test_latent_numbers_and_figure(tmp_path, tiny_egnn, frames_file):
-    result = run(["study", "latent", tiny_egnn, str(frames_file), "--frames", "30", "--perplexity", "5",
+    result = run(["study", "latent", tiny_egnn, str(frames_file), "--frames", "30", "--perplexities", "5",
                   "--pairs", "500", "--k", "3", "--output", str(tmp_path)])
     assert result["embedding"].shape == (30, 2) and np.isfinite(result["embedding"]).all()
     assert set(result["knn_r2"]) == {"energy_eV", "C-C_A", "C-O_A", "C-C-O_deg"}  # ethanol: geometry too
     names = {"energy_eV", "C-C_A", "C-O_A", "C-C-O_deg", "geometry"}
-    blocks = [result, result["control_untrained"], result["control_distances"]]
-    for block in blocks:
+    untrained = result["control_untrained"]
+    assert untrained["init_seeds"] == [0, 1, 2, 3, 4]
+    blocks = [result, untrained["per_seed"][0], result["control_distances"]]
+    for block in [*blocks, untrained]:
         assert set(block["spearman_latent_distance_vs"]) == names
         assert all(np.isfinite(v["mean"]) for v in block["knn_r2"].values())
     # each control is computed from its own features, not copied from the model's
@@ -96,10 +98,109 @@ def test_spearman_of_latent_distances_against_hand_values():
     x = np.array([[0.0], [1.0], [3.0]])
     targets = {"same": np.array([0.0, 2.0, 6.0]), "reverse": np.array([0.0, 3.0, 1.0]),
                "one-three-two": np.array([0.0, 1.0, -2.0])}
-    rho = latent.distance_correlations(x, targets, geometry=np.array([[0.0, 5], [0, 10], [0, 20]]), pairs=20000, seed=0)
+    targets["geometry"] = np.array([[0.0, 5], [0, 10], [0, 20]])
+    rho = latent.spearman_tests({"x": x}, targets, *latent.random_pairs(3, 20000, seed=0))["x"]["spearman_latent_distance_vs"]
     assert rho["same"] == pytest.approx(1.0, abs=1e-12) and rho["geometry"] == pytest.approx(1.0, abs=1e-12)
     assert rho["reverse"] == pytest.approx(-1.0, abs=1e-12)  # a pair i == i (0 apart in both) would break this
     assert rho["one-three-two"] == pytest.approx(0.5, abs=0.03)  # 20000 random pairs: 0.495-0.512 over seeds 0-4
+
+
+def test_latent_untrained_seeds_tsne_runs_and_claims(tmp_path, tiny_egnn, frames_file, capsys):
+    result = run(["study", "latent", tiny_egnn, str(frames_file), "--frames", "30", "--pairs", "300", "--k", "3",
+                  "--init-seeds", "0,1,2", "--tsne-seeds", "3,4", "--perplexities", "5,8", "--permutations", "50",
+                  "--output", str(tmp_path)])
+    untrained = result["control_untrained"]
+    per_seed = {b["init_seed"]: b for b in untrained["per_seed"]}
+    assert untrained["init_seeds"] == [0, 1, 2] and sorted(per_seed) == [0, 1, 2]
+    rho = {s: b["spearman_latent_distance_vs"] for s, b in per_seed.items()}
+    # tiny_egnn is the untrained network of seed 1: the control rebuilds the architecture from the seed
+    assert rho[1] == pytest.approx(result["spearman_latent_distance_vs"], rel=1e-9)
+    assert {n: v["mean"] for n, v in per_seed[1]["knn_r2"].items()} == pytest.approx(
+        {n: v["mean"] for n, v in result["knn_r2"].items()}, rel=1e-9)
+    assert abs(rho[0]["energy_eV"] - rho[2]["energy_eV"]) > 1e-3  # other seeds, other networks
+    energy = [rho[s]["energy_eV"] for s in (0, 1, 2)]
+    assert untrained["spearman_latent_distance_vs"]["energy_eV"] == pytest.approx(
+        {"mean": np.mean(energy), "std": np.std(energy, ddof=1), "min": min(energy), "max": max(energy)})
+    # permutation p-values: 50 permutations, p = (count + 1) / 51
+    assert result["permutations"]["count"] == 50
+    p_values = [*result["spearman_p"].values(), *(v["p"] for v in result["knn_r2"].values()),
+                *(v["p"] for v in result["control_distances"]["knn_r2_standardized"].values()),
+                *per_seed[0]["spearman_p"].values()]
+    assert len(p_values) == 5 + 4 + 4 + 5
+    assert all(1 / 51 - 1e-12 <= p <= 1 and abs(p * 51 - round(p * 51)) < 1e-9 for p in p_values)
+    assert result["control_distances"]["spearman_p"]["geometry"] == pytest.approx(1 / 51)  # rho = 1
+    # t-SNE: per perplexity a PCA map and one random-init map per seed, their agreement
+    runs = result["tsne"]["runs"]
+    assert [(r["perplexity"], r["init"], r["seed"]) for r in runs] == [
+        (p, init, s) for p in (5.0, 8.0) for init, s in (("pca", 0), ("random", 3), ("random", 4))]
+    assert all(np.isfinite(r["knn_r2_from_map"]["energy_eV"]["mean"]) for r in runs)
+    matrix = np.array(result["tsne"]["map_agreement"]["matrix"])
+    assert matrix.shape == (6, 6) and np.allclose(np.diag(matrix), 1.0) and np.allclose(matrix, matrix.T)
+    assert result["tsne"]["map_agreement"]["min"] < 0.999  # random starts give other maps
+    for name in ("latent_tsne.png", "latent_tsne_grid.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    assert len(np.loadtxt(tmp_path / "tsne_runs.csv", delimiter=",", skiprows=1)) == 6 * 30
+    saved = json.loads((tmp_path / "latent.json").read_text())
+    assert saved["control_untrained"]["per_seed"][2]["spearman_p"] == pytest.approx(per_seed[2]["spearman_p"])
+    printed = capsys.readouterr().out
+    claims = printed[printed.index("claims:"):].splitlines()
+    assert [line.split()[0] for line in claims[2:6]] == ["energy", "C-C", "C-O", "C-C-O"]
+    assert f"{result['spearman_latent_distance_vs']['C-O_A']:.3f}" in claims[4]
+
+
+@pytest.mark.parametrize("option, value", [
+    ("--init-seeds", ""), ("--init-seeds", "0,x"), ("--init-seeds", "1,1"), ("--tsne-seeds", ","),
+    ("--perplexities", ""), ("--perplexities", "0"), ("--perplexities", "30,-5"), ("--perplexities", "nan"),
+    ("--permutations", "0"),
+])
+def test_latent_bad_options_are_one_line_errors(tmp_path, tiny_egnn, frames_file, capsys, option, value):
+    from mlpot.commands import main
+
+    assert main(["study", "latent", tiny_egnn, str(frames_file), option, value, "--output", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"mlpot study latent: error: {option} "), err
+    assert not (tmp_path / "latent.json").exists()
+
+
+def test_permutation_p_values_separate_signal_from_noise():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(60, 3))
+    noise = {f"noise {n}": rng.normal(size=60) for n in range(40)}
+    targets = {"signal": 2 * x[:, 0] + x[:, 1] ** 2, **noise}
+    permutations = latent.frame_permutations(60, 200, seed=0)
+    assert (np.sort(permutations, axis=1) == np.arange(60)).all()
+    assert (latent.frame_permutations(60, 200, seed=0) == permutations).all()  # seeded
+    assert not (latent.frame_permutations(60, 200, seed=1) == permutations).all()
+    i, j = latent.random_pairs(60, 2000, seed=0)
+    spearman = latent.spearman_tests({"x": x}, targets, i, j, permutations)["x"]["spearman_p"]
+    knn = latent.knn_r2(x, targets, k=5, folds=5, seed=0, permutations=permutations)
+    for p in (spearman, {name: v["p"] for name, v in knn.items()}):
+        assert p["signal"] == pytest.approx(1 / 201)  # no permutation reaches the real target
+        null = np.array([p[name] for name in noise])
+        # a target unrelated to x: p uniform on (0, 1], about 2 of 40 below 0.05 (binomial: 6 or more has p = 0.05)
+        assert p["noise 0"] > 0.05 and np.mean(null < 0.05) <= 0.15 and 0.3 < null.mean() < 0.7
+
+
+def test_knn_r2_and_spearman_equal_sklearn_and_scipy():
+    from scipy.stats import spearmanr
+    from sklearn.model_selection import KFold, cross_val_score
+    from sklearn.neighbors import KNeighborsRegressor
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(50, 4)) * [1, 10, 0.1, 1]
+    targets = {"t": np.round(x[:, 0] + rng.normal(size=50), 1)}  # rounded: ties in the ranks
+    for standardize in (False, True):
+        ours = latent.knn_r2(x, targets, k=4, folds=5, seed=2, standardize=standardize)["t"]
+        knn = KNeighborsRegressor(n_neighbors=4)
+        scores = cross_val_score(make_pipeline(StandardScaler(), knn) if standardize else knn, x, targets["t"],
+                                 cv=KFold(n_splits=5, shuffle=True, random_state=2), scoring="r2")
+        assert ours == pytest.approx({"mean": scores.mean(), "std": scores.std()}, rel=1e-10)
+    i, j = latent.random_pairs(50, 500, seed=3)
+    rho = latent.spearman_tests({"x": x}, targets, i, j)["x"]["spearman_latent_distance_vs"]["t"]
+    expected = spearmanr(np.linalg.norm(x[i] - x[j], axis=1), np.abs(targets["t"][i] - targets["t"][j])).statistic
+    assert rho == pytest.approx(expected, rel=1e-12)
 
 
 def test_rebuild_mismatch_is_reported(tmp_path, frames_file):

@@ -11,11 +11,12 @@ DATA_HELP = ("molecule (ethanol, toluene, aspirin: rMD17), dataset name or file 
              "(default: the model's training set)")
 
 
-def _common(p: argparse.ArgumentParser, output_default: str, seed: bool = True) -> None:
+def _common(p: argparse.ArgumentParser, output_default: str, seed: bool = True,
+            seed_help: str = "seed of the data draws and the initialisation") -> None:
     p.add_argument("--output", default=None, help=f"output folder (default: {output_default})")
     p.add_argument("--data-dir", default=None, help="reference data folder (default: $MLPOT_DATA_DIR)")
     if seed:  # learning-curve and lr-search take --seeds and --splits instead
-        p.add_argument("--seed", type=int, default=0, help="seed of the data draws and the initialisation")
+        p.add_argument("--seed", type=int, default=0, help=seed_help)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--device", default="cpu", help=argparse.SUPPRESS)
 
@@ -55,6 +56,7 @@ def _learning_curve_options(p: argparse.ArgumentParser, lc) -> None:
 
 def add_parser(sub) -> argparse.ArgumentParser:
     """The ``study`` subcommand with its own subcommands; returns its parser."""
+    from mlpot.study import latent
     from mlpot.study import learning_curve as lc
 
     study = sub.add_parser("study", help="seed study: learning curves, latent maps, irreps usage, symmetry",
@@ -121,18 +123,31 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
 
     p = ssub.add_parser("latent", help="t-SNE of pooled last-layer features; rank correlations and k-NN R^2",
-                        description="t-SNE map of the pooled last-layer features of DATA, with rank correlations\n"
-                                    "of latent distances and k-NN regression of energy and geometry.")
+                        description="t-SNE maps of the pooled last-layer features of DATA, with rank correlations\n"
+                                    "of latent distances and k-NN regression of energy and geometry, permutation\n"
+                                    "p-values, and controls: untrained networks (several seeds) and raw distances.")
     p.add_argument("model", metavar="MODEL", help=MODEL_HELP)
     p.add_argument("data", metavar="DATA", nargs="?", default=None, help=DATA_HELP)
     p.add_argument("--frames", type=int, default=1000, help="frames drawn from DATA")
     p.add_argument("--split", default="test", choices=["train", "test"], help="split of a named dataset")
     p.add_argument("--pool", default="mean", choices=["mean", "sum"], help="pooling over atoms")
-    p.add_argument("--perplexity", type=float, default=30.0, help="t-SNE perplexity")
+    p.add_argument("--perplexities", default=latent.DEFAULT_PERPLEXITIES,
+                   help="comma list of t-SNE perplexities (each > 0); the PCA-initialised map at the first gives "
+                        "latent_tsne.png")
+    p.add_argument("--tsne-seeds", default=latent.DEFAULT_TSNE_SEEDS,
+                   help="comma list of seeds of the randomly initialised t-SNE maps made at every perplexity besides "
+                        "the PCA-initialised one (deterministic); the maps' agreement is reported")
     p.add_argument("--pairs", type=int, default=20000, help="random structure pairs for the rank correlations")
     p.add_argument("--k", type=int, default=10, help="neighbours of the k-NN regression")
+    p.add_argument("--permutations", type=int, default=latent.DEFAULT_PERMUTATIONS,
+                   help="permutations of each target across frames for the p-value of every rank correlation and "
+                        "k-NN R^2 (one-sided, p = (1 + count) / (N + 1), seeded by --seed)")
+    p.add_argument("--init-seeds", default=latent.DEFAULT_INIT_SEEDS,
+                   help="comma list of seeds of the untrained control's weights: each seed's numbers and their "
+                        "mean, std, min and max")
     p.add_argument("--no-controls", action="store_true", help="skip the untrained-model and raw-distance controls")
-    _common(p, "mlpot-study-latent-<kind>")
+    _common(p, "mlpot-study-latent-<kind>",
+            seed_help="seed of the frames drawn, the random pairs, the k-NN folds and the permutations")
 
     p = ssub.add_parser("irreps", help="EGNN: feature-norm share per l and layer, ablation of each l, optional retrain",
                         description="Which irreps a trained EGNN uses: feature-norm share per l and layer, the test error\n"
@@ -199,8 +214,10 @@ def run(args):
     if args.study_command == "latent":
         from mlpot.study.latent import run_latent
 
-        return run_latent(args.model, args.data, args.frames, args.split, args.pool, args.perplexity, args.pairs,
-                          args.k, seed=args.seed, output=args.output, data_dir=args.data_dir, controls=not args.no_controls)
+        return run_latent(args.model, args.data, args.frames, args.split, args.pool, perplexities=args.perplexities,
+                          pairs=args.pairs, k=args.k, seed=args.seed, output=args.output, data_dir=args.data_dir,
+                          controls=not args.no_controls, init_seeds=args.init_seeds, tsne_seeds=args.tsne_seeds,
+                          permutations=args.permutations)
     if args.study_command == "irreps":
         from mlpot.study.irreps import run_irreps
 
