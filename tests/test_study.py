@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mlpot import export, keys
-from mlpot.commands import run
+from mlpot.commands import main, run
 from mlpot.study import latent, learning_curve, symmetry
 from mlpot.study.common import load_model
 
@@ -286,3 +286,19 @@ def test_cartesian_baseline_is_not_rotation_invariant(ethanol):
     assert spreads["rotations"]["energy_spread_eV"] > 1e-3
     rots = symmetry.random_rotations(50, np.random.default_rng(0))
     assert np.allclose(np.linalg.det(rots), 1.0) and np.allclose(rots @ rots.transpose(0, 2, 1), np.eye(3))
+
+
+def test_augmentation_steps_scale_with_the_augmented_set():
+    # 100 frames, 2 passes, batch 32: 0 copies -> 7 steps (ceil(200 / 32)), raised to the floor of 10;
+    # 15 copies -> 100 steps; inf -> the largest finite level's
+    assert symmetry.level_steps([0, 15, "inf"], 10, 2.0, 100) == [10, 100, 100]
+    assert symmetry.level_steps([0, 512], 10, 1.0, 1000) == [32, 16032]
+    assert symmetry.level_steps([0, "inf"], 10, None, 100) == [10, 10]
+
+
+def test_symmetry_baseline_bad_options_are_one_line_errors(tmp_path, tiny_egnn, capsys):
+    for option, value in (("--baseline-epochs", "0"), ("--baseline-hidden", "0")):
+        assert main(["study", "symmetry", tiny_egnn, option, value, "--output", str(tmp_path / "out")]) == 2
+        message = capsys.readouterr().err.strip()
+        assert "\n" not in message and option in message
+    assert not (tmp_path / "out").exists()

@@ -180,7 +180,11 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--no-baseline", action="store_true", help="skip the non-symmetric Cartesian MLP")
     p.add_argument("--copies", default="0,1,4,16,64,inf",
                    help="augmentation levels: rotated copies per frame, inf = fresh each sample")
-    p.add_argument("--baseline-steps", type=int, default=10000, help="optimizer steps per augmentation level")
+    p.add_argument("--baseline-steps", type=int, default=10000,
+                   help="optimizer steps per augmentation level (with --baseline-epochs: the least)")
+    p.add_argument("--baseline-epochs", type=float, default=None,
+                   help="scale each level's steps to this many passes over its frames x (1 + copies) samples")
+    p.add_argument("--baseline-hidden", type=int, default=128, help="width of the baseline MLP's two hidden layers")
     p.add_argument("--baseline-data", default=None, help="dataset of the baseline (default: the model's dataset)")
     p.add_argument("--train-frames", type=int, default=None, help="baseline training frames (default: the whole train split)")
     p.add_argument("--test-frames", type=int, default=500, help="baseline test frames")
@@ -229,5 +233,5 @@ def run(args):
 
         return run_symmetry(args.model, args.structure, args.num, args.dtype, args.seed, args.output, args.data_dir,
                             not args.no_baseline, args.copies, args.baseline_steps, args.baseline_data, args.test_frames,
-                            args.train_frames)
+                            args.train_frames, args.baseline_epochs, args.baseline_hidden)
     raise ValueError(f"unknown study {args.study_command!r}")

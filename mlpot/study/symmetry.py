@@ -13,9 +13,12 @@ forces. The reference frames are first brought to one orientation (centred, Kabs
 first training frame; forces rotated with them), because MD17 frames come in random orientations.
 Inputs are standardised per coordinate (a fixed affine map from the training set), the loss is
 (ΔE/σ_E)^2 + 10 (ΔF/σ_F)^2, Adam with a cosine schedule, batches of 32. It is trained with 0, 1, 4,
-16, 64 fixed random rotated copies per training frame and with a fresh random rotation for every
-sample ("inf"), always for the same number of steps, and tested on the canonical test frames, on
-randomly rotated copies and on copies translated by up to 1 Å.
+16, 64 (and up to 512 or more) fixed random rotated copies per training frame and with a fresh random
+rotation for every sample ("inf"), on the same distinct frames, and tested on the canonical test frames, on
+randomly rotated copies and on copies translated by up to 1 Å. Steps: ``baseline_steps`` at every level, or
+with ``baseline_epochs`` E scaled to the augmented set, max(baseline_steps, E x frames x (1 + copies) / batch)
+(``inf``: the steps of the largest finite level), so that a level with 500 copies sees each copy as often as
+the level without copies sees each frame. ``baseline_hidden`` sets the MLP's width.
 """
 
 from __future__ import annotations
@@ -178,8 +181,18 @@ def _test_sets(pos, forces, seed: int, shift: float = 1.0) -> Dict[str, tuple]:
     }
 
 
+def level_steps(copies_list: Sequence, steps: int, epochs: Optional[float], frames: int, batch_size: int = 32) -> list:
+    """Optimizer steps of each augmentation level: ``steps``, or with ``epochs`` the steps of that many passes over
+    the level's frames x (1 + copies) samples (at least ``steps``); ``inf`` gets the largest finite level's."""
+    if epochs is None:
+        return [steps for _ in copies_list]
+    scaled = {c: max(steps, int(np.ceil(epochs * frames * (1 + int(c)) / batch_size))) for c in copies_list if c != "inf"}
+    return [scaled[c] if c != "inf" else max(scaled.values(), default=steps) for c in copies_list]
+
+
 def run_baseline(dataset: str, copies_list: Sequence, steps: int, seed: int, test_frames: int, data_dir=None,
-                 symmetric=None, train_frames: Optional[int] = None) -> dict:
+                 symmetric=None, train_frames: Optional[int] = None, epochs: Optional[float] = None,
+                 hidden: int = 128) -> dict:
     """Train the Cartesian baseline for every augmentation level; test errors on canonical/rotated/translated."""
     import time
 
@@ -190,17 +203,19 @@ def run_baseline(dataset: str, copies_list: Sequence, steps: int, seed: int, tes
     pte, fte = canonicalize(np.stack(test.positions), np.stack(test.forces), ref)
     sets = _test_sets(pte, fte, seed)
     rows = []
-    for copies in copies_list:
+    for copies, n_steps in zip(copies_list, level_steps(copies_list, steps, epochs, len(ptr))):
         tic = time.perf_counter()
-        model = train_baseline(ptr, train.energy, ftr, copies, steps, seed)
-        row = {"augmentation_copies": copies, "train_s": round(time.perf_counter() - tic, 1)}
+        model = train_baseline(ptr, train.energy, ftr, copies, n_steps, seed, hidden=hidden)
+        row = {"augmentation_copies": copies, "steps": n_steps, "train_s": round(time.perf_counter() - tic, 1)}
         for name, (p, f) in sets.items():
             row[name] = _errors(_mlp_predict(model), p, test.energy, f)
         rows.append(row)
         print(f"  baseline, {copies} rotated copies per frame: E MAE canonical {row['canonical']['energy_mae_meV']:.1f}, "
-              f"rotated {row['rotated']['energy_mae_meV']:.1f}, translated {row['translated']['energy_mae_meV']:.1f} meV "
-              f"({row['train_s']:.0f} s)", flush=True)
-    result = {"dataset": dataset, "train_frames": len(train), "test_frames": len(test), "steps": steps, "rows": rows}
+              f"rotated {row['rotated']['energy_mae_meV']:.1f}, translated {row['translated']['energy_mae_meV']:.1f} meV; "
+              f"F MAE canonical {row['canonical']['forces_mae_meV_per_A']:.1f}, rotated "
+              f"{row['rotated']['forces_mae_meV_per_A']:.1f} meV/Å ({n_steps} steps, {row['train_s']:.0f} s)", flush=True)
+    result = {"dataset": dataset, "train_frames": len(train), "test_frames": len(test), "steps": steps,
+              "epochs": epochs, "hidden": hidden, "rows": rows}
     if symmetric is not None:
         module, cutoff, dtype = symmetric
         from mlpot.data.splits import frames_to_graphs
@@ -230,7 +245,10 @@ def plot_baseline(result: dict, path: Path, model_label: str) -> None:
         ax.set(xticks=x, xticklabels=labels, xlabel="random rotated copies per training frame", ylabel=unit, yscale="log")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(f"non-symmetric Cartesian MLP, {result['train_frames']} frames of {result['dataset']}, {result['steps']} steps each", fontsize=10)
+    budget = (f"{result['epochs']:g} passes over each augmented set (at least {result['steps']} steps)"
+              if result.get("epochs") else f"{result['steps']} steps each")
+    fig.suptitle(f"non-symmetric Cartesian MLP (width {result.get('hidden', 128)}), {result['train_frames']} frames of "
+                 f"{result['dataset']}, {budget}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -239,9 +257,14 @@ def plot_baseline(result: dict, path: Path, model_label: str) -> None:
 def run_symmetry(model_spec, structure: Optional[str] = None, n: int = 100, dtype: str = "float64", seed: int = 0,
                  output=None, data_dir=None, baseline: bool = True, copies: str = "0,1,4,16,64,inf",
                  baseline_steps: int = 10000, baseline_data: Optional[str] = None, test_frames: int = 500,
-                 train_frames: Optional[int] = None) -> dict:
+                 train_frames: Optional[int] = None, baseline_epochs: Optional[float] = None,
+                 baseline_hidden: int = 128) -> dict:
     from mlpot.workflows.analysis import load_structure
 
+    if baseline_epochs is not None and not baseline_epochs > 0:
+        raise ValueError(f"--baseline-epochs {baseline_epochs:g}: give a positive number of passes")
+    if baseline_hidden < 1:
+        raise ValueError(f"--baseline-hidden {baseline_hidden}: give a positive width")
     loaded = load_model(model_spec, dtype=dtype)
     module = loaded.scripted if loaded.scripted is not None else loaded.potential
     spec = structure or loaded.meta.get("dataset") or "ethanol"
@@ -256,10 +279,12 @@ def run_symmetry(model_spec, structure: Optional[str] = None, n: int = 100, dtyp
     if baseline:
         data = study_dataset(baseline_data or loaded.meta.get("dataset") or "ethanol")
         levels = [c.strip() if c.strip() == "inf" else int(c) for c in str(copies).split(",") if c.strip()]
-        print(f"non-symmetric baseline (Cartesian MLP) on {data}, {baseline_steps} steps per level:", flush=True)
+        steps_text = (f"{baseline_epochs:g} passes over each augmented set" if baseline_epochs else f"{baseline_steps} steps per level")
+        print(f"non-symmetric baseline (Cartesian MLP, width {baseline_hidden}) on {data}, {steps_text}:", flush=True)
         with torch_threads(None):  # the baseline's training sets its own thread count
             result["baseline"] = run_baseline(data, levels, baseline_steps, seed, test_frames, data_dir,
-                                              (module, loaded.meta["cutoff"], torch_dtype), train_frames)
+                                              (module, loaded.meta["cutoff"], torch_dtype), train_frames,
+                                              baseline_epochs, baseline_hidden)
         sym = result["baseline"]["symmetric_model"]
         print(f"  {loaded.kind} on the same test frames: E MAE canonical {sym['canonical']['energy_mae_meV']:.2f}, "
               f"rotated {sym['rotated']['energy_mae_meV']:.2f}, translated {sym['translated']['energy_mae_meV']:.2f} meV")
