@@ -69,7 +69,7 @@ def test_help_lists_every_subcommand_with_a_description(capsys):
 
 def test_help_text_has_no_markup_and_every_option_is_explained():
     parsers = all_parsers()
-    assert len(parsers) == 1 + len(SUBCOMMANDS) + 7  # the program, its subcommands, seven studies
+    assert len(parsers) == 1 + len(SUBCOMMANDS) + 8  # the program, its subcommands, eight studies
     for parser in parsers:
         text = parser.format_help()
         for markup in ("`", "**", "%(", ":func:", ":class:"):

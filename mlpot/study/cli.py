@@ -1,4 +1,4 @@
-"""``mlpot study learning-curve|lr-search|stats|protocol|latent|irreps|symmetry``: the parsers and runners of the study subcommands."""
+"""``mlpot study learning-curve|lr-search|stats|protocol|vibrations|latent|irreps|symmetry``: the parsers and runners of the study subcommands."""
 
 from __future__ import annotations
 
@@ -122,6 +122,26 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=None, help="reference data folder (default: $MLPOT_DATA_DIR)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
 
+    p = ssub.add_parser("vibrations", help="harmonic frequencies of the models at each size against reference ones",
+                        description="Harmonic frequencies (autograd Hessian at each model's float64 minimum) of every\n"
+                                    "learning-curve run with a model.pt, against reference frequencies: MAE, max |diff|,\n"
+                                    "ZPE difference and imaginary modes per run, cached beside the CSV (vibrations/);\n"
+                                    "mean ± std per model and size next to the test force MAE, log-log slopes; table + JSON.")
+    p.add_argument("csv", metavar="CSV", nargs="+",
+                   help="learning_curve.csv of mlpot study learning-curve; several (e.g. one per model's folder) are read as one")
+    p.add_argument("--models", default=None, help="comma list: only these models (default: all)")
+    p.add_argument("--sizes", default=None, help="comma list: only these sizes (default: all)")
+    p.add_argument("--budget", default=None, help="only runs of this budget label, e.g. steps4000 (needed when there are several)")
+    p.add_argument("--reference", default=None,
+                   help="vibrations.json with reference_cm, e.g. of mlpot vibrations --reference; a relaxed.xyz beside it "
+                        "is the start geometry (default for rmd17_ethanol: the repository's "
+                        "deploy/in-use/ethanol-vibrations/vibrations.json, PBE/def2-SVP)")
+    p.add_argument("--fmax", type=float, default=1e-4, help="relaxation criterion, eV/Å")
+    p.add_argument("--n-boot", type=int, default=2000, help="bootstrap samples of each slope")
+    p.add_argument("--output", default=None, help="output folder (default: mlpot-study-vibrations-<molecule>)")
+    p.add_argument("--data-dir", default=None, help="reference data folder (default: $MLPOT_DATA_DIR)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+
     p = ssub.add_parser("latent", help="t-SNE of pooled last-layer features; rank correlations and k-NN R^2",
                         description="t-SNE maps of the pooled last-layer features of DATA, with rank correlations\n"
                                     "of latent distances and k-NN regression of energy and geometry, permutation\n"
@@ -215,6 +235,11 @@ def run(args):
 
         return run_protocol(args.csv, args.models, args.sizes, args.budget, args.output, not args.no_md, args.md_steps,
                             args.md_timestep, args.temperature, args.md_seed, args.md_runs, args.data_dir)
+    if args.study_command == "vibrations":
+        from mlpot.study.vibrations import run_vibrations_study
+
+        return run_vibrations_study(args.csv, args.models, args.sizes, args.budget, args.reference, args.fmax,
+                                    args.output, args.data_dir, args.n_boot)
     if args.study_command == "latent":
         from mlpot.study.latent import run_latent
 
