@@ -117,6 +117,22 @@ def test_model_variants_and_learning_rates():
     assert variants.parse_lrs("egnn=3e-3,egnn-l1=1e-2", names) == {"egnn-l1": 1e-2, "egnn-l0@150k": 3e-3, "schnet": None}
 
 
+def test_pruned_egnn_variant():
+    """egnn-l2-no1: l = 0, 2 features (issue 17 item 7), with @PARAMS and +energy; egnn-l3-no12: l = 0, 3."""
+    r = variants.parse_model("egnn-l2-no1@150k+energy")
+    assert (r["hparams"]["lmax"], r["hparams"]["hidden_ls"], r["target_params"], r["energy_only"]) == (2, [0, 2], 150000, True)
+    assert variants.parse_model("egnn-l3-no12")["hparams"]["hidden_ls"] == [0, 3]
+    assert "hidden_ls" not in variants.parse_model("egnn-l2")["hparams"]
+    for bad in ("egnn-l2-no0", "egnn-l2-no3", "egnn-l2-no11", "egnn-no1", "egnn-l2-no"):
+        with pytest.raises(ValueError, match="egnn-l2-no1"):
+            variants.parse_model(bad)
+    resolved = variants.resolve(r, [1, 6, 8])  # ethanol: width 46, 149 901 parameters (egnn-l2: 153 769)
+    assert resolved["hparams"]["num_features"] > 32 and abs(resolved["num_parameters"] - 150000) < 0.01 * 150000
+    assert variants.parse_lrs("egnn=3e-3", ["egnn-l2-no1@150k+energy"]) == {"egnn-l2-no1@150k+energy": 3e-3}
+    cfg = lc.make_config(r, "rmd17_ethanol", 50, 4000, "runs/x")
+    assert cfg.model.hparams["hidden_ls"] == [0, 2] and cfg.train.forces_weight == 0.0
+
+
 def test_budget_rules():
     conv = lc.Budget("converged", steps_per_frame=40, min_steps=10000, max_steps=40000)
     assert [conv.step_cap(n) for n in SIZES] == [10000, 10000, 10000, 20000, 40000]

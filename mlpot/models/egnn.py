@@ -2,7 +2,7 @@
 
 import contextlib
 import math
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -21,17 +21,29 @@ from mlpot.nn.radial import BesselBasis, PolynomialCutoff, edge_vectors
 BACKENDS = ("e3nn", "dense", "unrolled")
 
 
-def hidden_irreps(num_features: int, lmax: int, parity: bool = False) -> o3.Irreps:
-    """``num_features`` channels of every l <= lmax: parity (-1)^l only, or both parities when ``parity``.
+def hidden_irreps(num_features: int, lmax: int, parity: bool = False, ls: Optional[Sequence[int]] = None) -> o3.Irreps:
+    """``num_features`` channels of every l <= lmax (or of each l in ``ls``): parity (-1)^l only, or both
+    parities when ``parity``.
 
     >>> str(hidden_irreps(4, 1))
     '4x0e+4x1o'
     >>> str(hidden_irreps(4, 1, parity=True))
     '4x0e+4x0o+4x1o+4x1e'
+    >>> str(hidden_irreps(4, 2, ls=[0, 2]))
+    '4x0e+4x2e'
     """
-    return o3.Irreps(
-        [(num_features, (l, p)) for l in range(lmax + 1) for p in ((-1) ** l, -((-1) ** l))[: 2 if parity else 1]]
-    )
+    ls = range(lmax + 1) if ls is None else sorted(ls)
+    return o3.Irreps([(num_features, (l, p)) for l in ls for p in ((-1) ** l, -((-1) ** l))[: 2 if parity else 1]])
+
+
+def check_hidden_ls(hidden_ls: Optional[Sequence[int]], lmax: int) -> None:
+    """Raise a one-line ValueError unless ``hidden_ls`` is None or distinct l values in 0..lmax including 0."""
+    if hidden_ls is None:
+        return
+    ls = list(hidden_ls)
+    if not all(isinstance(l, int) and not isinstance(l, bool) for l in ls) or len(set(ls)) != len(ls) \
+            or 0 not in ls or not all(0 <= l <= lmax for l in ls):
+        raise ValueError(f"hidden_ls must be distinct integers in 0..lmax ({lmax}) including 0, got {hidden_ls!r}")
 
 
 class Interaction(nn.Module):
@@ -178,12 +190,21 @@ class EGNN(nn.Module):
     - nodes: the embedding ``h^0 = Linear(onehot(Z))``, ``F x 0e``; every interaction t = 1..T
       (:class:`Interaction`) maps h^(t-1) into ``irreps_hidden = hidden_irreps(F, L, parity)``
       (F channels of each l <= L with parity (-1)^l, or of both parities), keeping the reachable irreps;
+      with ``hidden_ls`` only the l listed there (below);
     - readout: ``E_i = MLP(Linear(h^T)_0e)``: the 0e channels of the last layer through an equivariant
       linear map to F invariants (the node features of latent studies), then an MLP to per-atom energies.
 
     The interactions run with one of :data:`BACKENDS` (all share the parameters, so one state dict serves
     each): ``backend`` at build time, or :meth:`set_backend` / :func:`using_backend` when the model is
     frozen for export or traced for compiled training.
+
+    Pruned hidden irreps (``hidden_ls``, e.g. [0, 2]: no l = 1 channels, after Lee et al. 2024): the
+    edge harmonics stay Y^0..Y^L, so the model keeps exactly the paths of the full model that neither
+    start nor end at an l = 1 feature: a pure feature ablation. Dropping Y^1 too would also cut paths
+    between the kept features (2e x 1o -> 2o with ``parity``), an ablation of edge geometry on top.
+    Without ``parity`` (the recipes) there are no such paths: l in {0, 2} times 1o has odd parity and
+    lands in no hidden irrep, so Y^1 enters no tensor product, and each edge enters only through Y^0
+    and Y^2, which are even in its direction.
 
     Args:
         num_species: number of elements the model knows.
@@ -198,6 +219,8 @@ class EGNN(nn.Module):
         parity: keep both parities of each l (default False, as the recipes): odd scalars, polar and axial vectors.
         cutoff_p: smoothness order of the polynomial cutoff (default 6).
         backend: how the interactions are evaluated, one of :data:`BACKENDS` (default "dense").
+        hidden_ls: the l of the hidden features, distinct values in 0..lmax including 0 (default None:
+            every l <= lmax); e.g. [0, 2] drops the l = 1 channels.
     """
 
     def __init__(
@@ -214,14 +237,16 @@ class EGNN(nn.Module):
         parity: bool = False,
         cutoff_p: int = 6,
         backend: str = "dense",
+        hidden_ls: Optional[Sequence[int]] = None,
     ):
         super().__init__()
         if not 0 <= lmax <= 3:
             raise ValueError(f"lmax must be between 0 and 3, got {lmax}")
+        check_hidden_ls(hidden_ls, lmax)
         self.num_species = num_species
         self.num_features = num_features
         irreps_sh = o3.Irreps.spherical_harmonics(lmax)
-        irreps_hidden = hidden_irreps(num_features, lmax, parity)
+        irreps_hidden = hidden_irreps(num_features, lmax, parity, hidden_ls)
         self.sh = o3.SphericalHarmonics(irreps_sh, normalize=True, normalization="component")
         self.basis = BesselBasis(cutoff, num_basis)
         self.envelope = PolynomialCutoff(cutoff, cutoff_p)

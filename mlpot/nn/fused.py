@@ -15,7 +15,9 @@ tables of :mod:`mlpot.nn.equivariant` and compute the same numbers as a handful 
   gathers, weights and sums around them, and the gradients add plain per-edge tensors rather than
   zero-padded slices of one tensor (which Inductor builds with masked loads, slow in float64).
 
-Features are blocked, (N, M, U): the m components of every irrep along M, channels along U.
+Features are blocked, (N, M, U): the m components of every irrep along M, channels along U. The tables
+come from the modules' instructions, whatever paths they hold: hidden irreps without some l (the EGNN's
+``hidden_ls``) fuse like the full ones; irreps that cannot be fused raise ValueError at build time.
 """
 
 from typing import List, Optional, Tuple

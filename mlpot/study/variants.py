@@ -1,17 +1,22 @@
-"""Model names of the learning-curve study: recipes, lmax variants, matched parameter counts, energy-only fits.
+"""Model names of the learning-curve study: recipes, lmax and pruned-irreps variants, matched parameter
+counts, energy-only fits.
 
-A model name is ``KIND[-lK][@PARAMS][+energy]``:
+A model name is ``KIND[-lK[-noJ]][@PARAMS][+energy]``:
 
 * ``KIND``: ``gcn``, ``schnet`` or ``egnn`` - the recipes of ``training/<molecule>-<kind>.yaml``
   (hyperparameters and learning rate, :data:`RECIPES`).
 * ``-lK`` (egnn only): the egnn recipe with ``lmax = K`` (0..3).
+* ``-noJ`` (after ``-lK``): without hidden features of the orders l among the digits J (1..K), the edge
+  harmonics still up to K (EGNN ``hidden_ls``, see :class:`mlpot.models.egnn.EGNN`); ``egnn-l2-no1``
+  has l = 0 and 2 features only, ``egnn-l3-no12`` l = 0 and 3.
 * ``@PARAMS``: the width (``num_features``, every other hyperparameter as the recipe) chosen so that the
   parameter count for the molecule's elements comes closest to PARAMS (``150k``, ``1.5M`` or ``60000``);
   e.g. ``egnn-l0@150k`` and ``schnet@150k`` next to ``egnn-l2`` (153 769 parameters for ethanol).
 * ``+energy``: trained on energies only (``train.forces_weight = 0``); forces are still predicted (as the
   gradient) and tested. The row of a model that cannot learn energies at all.
 
-Examples: ``egnn-l2``, ``egnn-l0@150k``, ``schnet@150k``, ``gcn+energy``, ``gcn@150k+energy``.
+Examples: ``egnn-l2``, ``egnn-l0@150k``, ``egnn-l2-no1@150k+energy``, ``schnet@150k``, ``gcn+energy``,
+``gcn@150k+energy``.
 """
 
 from __future__ import annotations
@@ -29,7 +34,9 @@ RECIPES: Dict[str, dict] = {
 MIN_WIDTH = {"gcn": 2, "schnet": 2, "egnn": 1}  # gcn/schnet readouts are num_features // 2 wide
 MAX_WIDTH = 1024
 
-_NAME = re.compile(r"^(?P<kind>[a-z]+)(?:-l(?P<lmax>\d+))?(?:@(?P<params>[0-9.]+[kKmM]?))?(?P<energy>\+energy)?$")
+_NAME = re.compile(
+    r"^(?P<kind>[a-z]+)(?:-l(?P<lmax>\d+)(?:-no(?P<drop>\d+))?)?(?:@(?P<params>[0-9.]+[kKmM]?))?(?P<energy>\+energy)?$"
+)
 
 
 def parse_count(text: str) -> int:
@@ -53,8 +60,8 @@ def parse_model(name: str, base_hparams: Optional[dict] = None) -> dict:
     name = name.strip()
     m = _NAME.match(name)
     if not m or m["kind"] not in RECIPES:
-        raise ValueError(f"unknown model {name!r}: use KIND[-lK][@PARAMS][+energy] with KIND gcn, schnet or egnn, "
-                         f"e.g. egnn-l1, egnn-l0@150k, gcn+energy")
+        raise ValueError(f"unknown model {name!r}: use KIND[-lK[-noJ]][@PARAMS][+energy] with KIND gcn, schnet or egnn, "
+                         f"e.g. egnn-l1, egnn-l0@150k, egnn-l2-no1, gcn+energy")
     kind = m["kind"]
     recipe = {**RECIPES[kind], "hparams": dict(base_hparams if base_hparams is not None else RECIPES[kind]["hparams"])}
     if m["lmax"] is not None:
@@ -64,6 +71,12 @@ def parse_model(name: str, base_hparams: Optional[dict] = None) -> dict:
         if not 0 <= lmax <= 3:
             raise ValueError(f"{name}: lmax must be 0..3")
         recipe["hparams"]["lmax"] = lmax
+        recipe["hparams"].pop("hidden_ls", None)  # the name gives the irreps: every l <= K unless -noJ
+        if m["drop"] is not None:
+            dropped = [int(d) for d in m["drop"]]
+            if len(set(dropped)) != len(dropped) or not all(1 <= l <= lmax for l in dropped):
+                raise ValueError(f"{name}: -noJ drops distinct orders l of 1..{lmax}, e.g. egnn-l2-no1")
+            recipe["hparams"]["hidden_ls"] = [l for l in range(lmax + 1) if l not in dropped]
     recipe["target_params"] = parse_count(m["params"]) if m["params"] else None
     recipe["energy_only"] = bool(m["energy"])
     recipe["name"] = name
@@ -72,7 +85,8 @@ def parse_model(name: str, base_hparams: Optional[dict] = None) -> dict:
 
 def count_parameters(kind: str, hparams: dict, species: Sequence[int], cutoff: float = 5.0) -> int:
     """Trainable parameters of a fresh ``kind`` potential with ``hparams`` for these elements."""
-    return _count(kind, tuple(sorted(hparams.items())), tuple(sorted(int(z) for z in species)), float(cutoff))
+    key = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in hparams.items()))  # hashable: hidden_ls
+    return _count(kind, key, tuple(sorted(int(z) for z in species)), float(cutoff))
 
 
 @lru_cache(maxsize=None)
