@@ -9,10 +9,10 @@ import torch
 
 from mlpot import export, keys
 from mlpot.commands import main, run
-from mlpot.study import latent, learning_curve, symmetry
-from mlpot.study.common import load_model
+from mlpot.study import baselines, latent, learning_curve, symmetry
+from mlpot.study.common import load_frames, load_model
 
-from conftest import make_tiny_potential, write_sgdml_npz
+from conftest import five_point_derivative, make_tiny_potential, write_sgdml_npz
 
 import sklearn  # noqa: F401  (in the test extra: a missing install fails here instead of skipping)
 
@@ -297,8 +297,58 @@ def test_augmentation_steps_scale_with_the_augmented_set():
 
 
 def test_symmetry_baseline_bad_options_are_one_line_errors(tmp_path, tiny_egnn, capsys):
-    for option, value in (("--baseline-epochs", "0"), ("--baseline-hidden", "0")):
+    for option, value in (("--baseline-epochs", "0"), ("--baseline-hidden", "0"), ("--baseline-model", "cnn")):
         assert main(["study", "symmetry", tiny_egnn, option, value, "--output", str(tmp_path / "out")]) == 2
         message = capsys.readouterr().err.strip()
         assert "\n" not in message and option in message
     assert not (tmp_path / "out").exists()
+
+
+def _gnn(ethanol, seed=0, hidden=16):
+    torch.manual_seed(seed)
+    model = baselines.CartesianGNN(ethanol.numbers, hidden, num_basis=16).double().eval()
+    torch.nn.init.normal_(model.readout[-1].weight, std=0.5)  # zero at init: give it a nonzero energy surface
+    return model
+
+
+def test_cartesian_gnn_invariances_and_forces(ethanol):
+    model = _gnn(ethanol)
+    x = torch.as_tensor(ethanol.positions)[None]
+    e0 = model.energy(x)
+    assert torch.allclose(model.energy(x + torch.tensor([1.3, -0.7, 2.1], dtype=torch.float64)), e0, rtol=0, atol=1e-10)
+    numbers = torch.as_tensor(ethanol.numbers)
+    perm = torch.randperm(len(ethanol), generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(model.energy(x[:, perm], numbers[perm]), e0, rtol=0, atol=1e-10)
+    hydrogens = torch.nonzero(numbers == 1).squeeze(1)
+    same = torch.arange(len(ethanol))
+    same[hydrogens] = hydrogens.flip(0)  # permutes atoms of one species only: the molecule's own species apply
+    assert torch.allclose(model.energy(x[:, same]), e0, rtol=0, atol=1e-10)
+    rots = torch.as_tensor(symmetry.random_rotations(5, np.random.default_rng(0)))
+    centred = x - x.mean(dim=1, keepdim=True)
+    assert (model.energy(centred @ rots.transpose(1, 2)) - model.energy(centred)).abs().max() > 1e-3
+    _, forces = model(x)
+    fd = five_point_derivative(lambda p: float(model.energy(torch.as_tensor(p).reshape(1, -1, 3))), x.flatten().numpy(), 1e-3)
+    assert np.allclose(-fd.reshape(-1, 3), forces[0].numpy(), rtol=1e-7, atol=1e-8)
+
+
+def test_cartesian_gnn_training_reduces_the_error(frames_file):
+    frames = load_frames(str(frames_file), None)
+    pos, forces = np.stack(frames.positions), np.stack(frames.forces)
+    before = symmetry.train_baseline(pos, frames.energy, forces, 0, 0, 0, model="gnn", hidden=32, numbers=frames.numbers[0])
+    after = symmetry.train_baseline(pos, frames.energy, forces, 0, 300, 0, model="gnn", hidden=32, numbers=frames.numbers[0])
+    e0 = symmetry._errors(symmetry._mlp_predict(before), pos, frames.energy, forces)
+    e1 = symmetry._errors(symmetry._mlp_predict(after), pos, frames.energy, forces)
+    assert e1["forces_mae_meV_per_A"] < 0.5 * e0["forces_mae_meV_per_A"]
+    assert e1["energy_mae_meV"] < e0["energy_mae_meV"]
+
+
+def test_symmetry_gnn_baseline_end_to_end(tmp_path, tiny_egnn, frames_file):
+    result = run(["study", "symmetry", tiny_egnn, "--structure", str(frames_file), "-n", "2", "--copies", "0,1,inf",
+                  "--baseline-model", "gnn", "--baseline-hidden", "8", "--baseline-steps", "5", "--test-frames", "5",
+                  "--output", str(tmp_path)])
+    baseline = result["baseline"]
+    assert baseline["baseline_model"] == "gnn" and baseline["hidden"] == 8 and baseline["baseline_parameters"] > 0
+    assert [r["augmentation_copies"] for r in baseline["rows"]] == [0, 1, "inf"]
+    assert all(np.isfinite(r[s]["forces_mae_meV_per_A"]) for r in baseline["rows"] for s in ("canonical", "rotated"))
+    saved = json.loads((tmp_path / "symmetry.json").read_text())
+    assert saved["baseline"]["baseline_model"] == "gnn" and (tmp_path / "symmetry_baseline.png").stat().st_size > 0

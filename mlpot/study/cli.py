@@ -204,7 +204,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="optimizer steps per augmentation level (with --baseline-epochs: the least)")
     p.add_argument("--baseline-epochs", type=float, default=None,
                    help="scale each level's steps to this many passes over its frames x (1 + copies) samples")
-    p.add_argument("--baseline-hidden", type=int, default=128, help="width of the baseline MLP's two hidden layers")
+    p.add_argument("--baseline-model", default="mlp",
+                   help="non-symmetric baseline: mlp (flattened coordinates) or gnn (message passing on unit vectors)")
+    p.add_argument("--baseline-hidden", type=int, default=None,
+                   help="width of the baseline's hidden layers (default: 128 for mlp, 64 for gnn)")
     p.add_argument("--baseline-data", default=None, help="dataset of the baseline (default: the model's dataset)")
     p.add_argument("--train-frames", type=int, default=None, help="baseline training frames (default: the whole train split)")
     p.add_argument("--test-frames", type=int, default=500, help="baseline test frames")
@@ -258,5 +261,5 @@ def run(args):
 
         return run_symmetry(args.model, args.structure, args.num, args.dtype, args.seed, args.output, args.data_dir,
                             not args.no_baseline, args.copies, args.baseline_steps, args.baseline_data, args.test_frames,
-                            args.train_frames, args.baseline_epochs, args.baseline_hidden)
+                            args.train_frames, args.baseline_epochs, args.baseline_hidden, args.baseline_model)
     raise ValueError(f"unknown study {args.study_command!r}")

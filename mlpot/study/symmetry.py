@@ -19,6 +19,10 @@ randomly rotated copies and on copies translated by up to 1 Å. Steps: ``baselin
 with ``baseline_epochs`` E scaled to the augmented set, max(baseline_steps, E x frames x (1 + copies) / batch)
 (``inf``: the steps of the largest finite level), so that a level with 500 copies sees each copy as often as
 the level without copies sees each frame. ``baseline_hidden`` sets the MLP's width.
+
+``baseline_model="gnn"`` swaps the MLP for :class:`mlpot.study.baselines.CartesianGNN`, a message-passing
+network whose edges carry the Cartesian unit vectors r_ij / |r_ij|: invariant to translations and permutations,
+not to rotations, and far easier to train than the MLP (width 64, learning rate 1e-3, float32).
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from mlpot.data.graph import make_graph
 from mlpot.nn.forces import forces_and_virial
 from mlpot.data.registry import study_dataset
 from mlpot.threads import torch_threads
+from mlpot.study.baselines import CartesianGNN
 from mlpot.study.common import (
     evaluate, load_frames, load_model, output_dir, pyplot, write_json,
 )
@@ -123,9 +128,37 @@ class CartesianMLP(nn.Module):
         return energy, forces
 
 
+BASELINE_MODELS = ("mlp", "gnn")
+BASELINE_LR = {"mlp": 3e-3, "gnn": 1e-3}
+BASELINE_HIDDEN = {"mlp": 128, "gnn": 64}
+
+
+def build_baseline(kind: str, x: np.ndarray, energy: np.ndarray, forces: np.ndarray, numbers=None,
+                   hidden: int = 128) -> nn.Module:
+    """A baseline ("mlp" or "gnn") with its output scaled to the data: the MLP's to the spread of ``energy`` (its
+    inputs, ``x`` (frames, n, 3), standardised), the GNN's per-atom energies to the force spread x 1 Å."""
+    e_scale, offset = float(energy.std()) or 1.0, float(energy.mean())
+    if kind == "mlp":
+        model = CartesianMLP(x.shape[1], hidden, scale=e_scale, offset=offset, mean=x.mean(axis=0),
+                             std=np.maximum(x.std(axis=0), 1e-3))
+    elif kind == "gnn":
+        # float32: twice as fast as float64 on CPUs, and its energies are float64 anyway
+        return CartesianGNN(numbers, hidden, scale=float(forces.std()) or 1.0, offset=offset).float()
+    else:
+        raise ValueError(f"--baseline-model {kind!r}: choose one of {', '.join(BASELINE_MODELS)}")
+    return model.double()
+
+
+def num_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
 def train_baseline(pos: np.ndarray, energy: np.ndarray, forces: np.ndarray, copies, steps: int, seed: int,
-                   batch_size: int = 32, lr: float = 3e-3, forces_weight: float = 10.0, hidden: int = 128) -> CartesianMLP:
-    """Fit a CartesianMLP with ``copies`` fixed random rotations per frame (int) or a fresh one per sample ("inf")."""
+                   batch_size: int = 32, lr: Optional[float] = None, forces_weight: float = 10.0, hidden: int = 128,
+                   model: str = "mlp", numbers=None) -> nn.Module:
+    """Fit a baseline (:class:`CartesianMLP`, or :class:`CartesianGNN` of the atomic ``numbers``) with ``copies``
+    fixed random rotations per frame (int) or a fresh one per sample ("inf"); ``lr`` defaults per model."""
+    kind, lr = model, BASELINE_LR.get(model, 3e-3) if lr is None else lr
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     x, e, f = pos, energy, forces
@@ -134,19 +167,18 @@ def train_baseline(pos: np.ndarray, energy: np.ndarray, forces: np.ndarray, copi
         x = np.concatenate([pos, np.einsum("fad,fkbd->fkab", pos, rots).reshape(-1, *pos.shape[1:])])
         f = np.concatenate([forces, np.einsum("fad,fkbd->fkab", forces, rots).reshape(-1, *pos.shape[1:])])
         e = np.concatenate([energy, np.repeat(energy, int(copies))])
-    n_atoms = pos.shape[1]
     e_scale, f_scale = float(energy.std()) or 1.0, float(forces.std()) or 1.0  # losses in units of the data's spread
-    model = CartesianMLP(n_atoms, hidden, scale=e_scale, offset=float(energy.mean()), mean=x.mean(axis=0),
-                         std=np.maximum(x.std(axis=0), 1e-3)).double()
+    model = build_baseline(kind, x, energy, forces, numbers, hidden)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps, eta_min=1e-5)
-    xt, et, ft = torch.as_tensor(x), torch.as_tensor(e), torch.as_tensor(f)
+    dtype = next(model.parameters()).dtype
+    xt, et, ft = torch.as_tensor(x, dtype=dtype), torch.as_tensor(e), torch.as_tensor(f, dtype=dtype)
     model.train()
     for _ in range(steps):
         idx = torch.as_tensor(rng.integers(0, len(xt), size=batch_size))
         xb, eb, fb = xt[idx], et[idx], ft[idx]
         if copies == "inf":
-            r = torch.as_tensor(random_rotations(batch_size, rng))
+            r = torch.as_tensor(random_rotations(batch_size, rng), dtype=dtype)
             xb, fb = xb @ r.transpose(1, 2), fb @ r.transpose(1, 2)
         pe, pf = model(xb)
         loss = (((pe - eb) / e_scale) ** 2).mean() + forces_weight * (((pf - fb) / f_scale) ** 2).mean()
@@ -162,9 +194,11 @@ def _errors(predict, pos, energy, forces) -> Dict[str, float]:
     return {"energy_mae_meV": float(np.abs(e - energy).mean() * 1000), "forces_mae_meV_per_A": float(np.abs(f - forces).mean() * 1000)}
 
 
-def _mlp_predict(model: CartesianMLP):
+def _mlp_predict(model: nn.Module):
+    dtype = next(model.parameters()).dtype
+
     def predict(pos):
-        e, f = model(torch.as_tensor(pos))
+        e, f = model(torch.as_tensor(pos, dtype=dtype))
         return e.detach().numpy(), f.detach().numpy()
 
     return predict
@@ -192,8 +226,9 @@ def level_steps(copies_list: Sequence, steps: int, epochs: Optional[float], fram
 
 def run_baseline(dataset: str, copies_list: Sequence, steps: int, seed: int, test_frames: int, data_dir=None,
                  symmetric=None, train_frames: Optional[int] = None, epochs: Optional[float] = None,
-                 hidden: int = 128) -> dict:
-    """Train the Cartesian baseline for every augmentation level; test errors on canonical/rotated/translated."""
+                 hidden: Optional[int] = None, model: str = "mlp") -> dict:
+    """Train the Cartesian baseline (``model`` "mlp" or "gnn") for every augmentation level; test errors on
+    canonical/rotated/translated frames."""
     import time
 
     train = load_frames(dataset, "train", train_frames, seed, data_dir)
@@ -202,20 +237,24 @@ def run_baseline(dataset: str, copies_list: Sequence, steps: int, seed: int, tes
     ptr, ftr = canonicalize(np.stack(train.positions), np.stack(train.forces), ref)
     pte, fte = canonicalize(np.stack(test.positions), np.stack(test.forces), ref)
     sets = _test_sets(pte, fte, seed)
-    rows = []
+    hidden = hidden or BASELINE_HIDDEN[model]
+    numbers = train.numbers[0]
+    rows, params = [], num_parameters(build_baseline(model, ptr, train.energy, ftr, numbers, hidden))
     for copies, n_steps in zip(copies_list, level_steps(copies_list, steps, epochs, len(ptr))):
         tic = time.perf_counter()
-        model = train_baseline(ptr, train.energy, ftr, copies, n_steps, seed, hidden=hidden)
+        fitted = train_baseline(ptr, train.energy, ftr, copies, n_steps, seed, hidden=hidden, model=model,
+                                numbers=numbers)
         row = {"augmentation_copies": copies, "steps": n_steps, "train_s": round(time.perf_counter() - tic, 1)}
         for name, (p, f) in sets.items():
-            row[name] = _errors(_mlp_predict(model), p, test.energy, f)
+            row[name] = _errors(_mlp_predict(fitted), p, test.energy, f)
         rows.append(row)
         print(f"  baseline, {copies} rotated copies per frame: E MAE canonical {row['canonical']['energy_mae_meV']:.1f}, "
               f"rotated {row['rotated']['energy_mae_meV']:.1f}, translated {row['translated']['energy_mae_meV']:.1f} meV; "
               f"F MAE canonical {row['canonical']['forces_mae_meV_per_A']:.1f}, rotated "
               f"{row['rotated']['forces_mae_meV_per_A']:.1f} meV/Å ({n_steps} steps, {row['train_s']:.0f} s)", flush=True)
     result = {"dataset": dataset, "train_frames": len(train), "test_frames": len(test), "steps": steps,
-              "epochs": epochs, "hidden": hidden, "rows": rows}
+              "epochs": epochs, "hidden": hidden, "baseline_model": model, "baseline_parameters": params,
+              "lr": BASELINE_LR[model], "rows": rows}
     if symmetric is not None:
         module, cutoff, dtype = symmetric
         from mlpot.data.splits import frames_to_graphs
@@ -235,10 +274,11 @@ def plot_baseline(result: dict, path: Path, model_label: str) -> None:
     rows = result["rows"]
     labels = [str(r["augmentation_copies"]) for r in rows]
     x = np.arange(len(rows))
+    label = "GNN" if result.get("baseline_model") == "gnn" else "MLP"
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, key, unit in ((axes[0], "energy_mae_meV", "energy MAE (meV)"), (axes[1], "forces_mae_meV_per_A", "force MAE (meV/Å)")):
         for j, name in enumerate(("canonical", "rotated", "translated")):
-            ax.plot(x, [r[name][key] for r in rows], "o-", color=f"C{j}", label=f"MLP, {name} test")
+            ax.plot(x, [r[name][key] for r in rows], "o-", color=f"C{j}", label=f"{label}, {name} test")
         if "symmetric_model" in result:
             ax.axhline(result["symmetric_model"]["rotated"][key], color="k", ls="--", lw=1,
                        label=f"{model_label} (any orientation)")
@@ -247,7 +287,8 @@ def plot_baseline(result: dict, path: Path, model_label: str) -> None:
         ax.legend(fontsize=7)
     budget = (f"{result['epochs']:g} passes over each augmented set (at least {result['steps']} steps)"
               if result.get("epochs") else f"{result['steps']} steps each")
-    fig.suptitle(f"non-symmetric Cartesian MLP (width {result.get('hidden', 128)}), {result['train_frames']} frames of "
+    params = f", {result['baseline_parameters']:,} parameters" if "baseline_parameters" in result else ""
+    fig.suptitle(f"non-symmetric Cartesian {label} (width {result.get('hidden', 128)}{params}), {result['train_frames']} frames of "
                  f"{result['dataset']}, {budget}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -258,11 +299,14 @@ def run_symmetry(model_spec, structure: Optional[str] = None, n: int = 100, dtyp
                  output=None, data_dir=None, baseline: bool = True, copies: str = "0,1,4,16,64,inf",
                  baseline_steps: int = 10000, baseline_data: Optional[str] = None, test_frames: int = 500,
                  train_frames: Optional[int] = None, baseline_epochs: Optional[float] = None,
-                 baseline_hidden: int = 128) -> dict:
+                 baseline_hidden: Optional[int] = None, baseline_model: str = "mlp") -> dict:
     from mlpot.workflows.analysis import load_structure
 
     if baseline_epochs is not None and not baseline_epochs > 0:
         raise ValueError(f"--baseline-epochs {baseline_epochs:g}: give a positive number of passes")
+    if baseline_model not in BASELINE_MODELS:
+        raise ValueError(f"--baseline-model {baseline_model!r}: choose one of {', '.join(BASELINE_MODELS)}")
+    baseline_hidden = baseline_hidden if baseline_hidden is not None else BASELINE_HIDDEN[baseline_model]
     if baseline_hidden < 1:
         raise ValueError(f"--baseline-hidden {baseline_hidden}: give a positive width")
     loaded = load_model(model_spec, dtype=dtype)
@@ -280,11 +324,12 @@ def run_symmetry(model_spec, structure: Optional[str] = None, n: int = 100, dtyp
         data = study_dataset(baseline_data or loaded.meta.get("dataset") or "ethanol")
         levels = [c.strip() if c.strip() == "inf" else int(c) for c in str(copies).split(",") if c.strip()]
         steps_text = (f"{baseline_epochs:g} passes over each augmented set" if baseline_epochs else f"{baseline_steps} steps per level")
-        print(f"non-symmetric baseline (Cartesian MLP, width {baseline_hidden}) on {data}, {steps_text}:", flush=True)
+        print(f"non-symmetric baseline (Cartesian {baseline_model.upper()}, width {baseline_hidden}) on {data}, "
+              f"{steps_text}:", flush=True)
         with torch_threads(None):  # the baseline's training sets its own thread count
             result["baseline"] = run_baseline(data, levels, baseline_steps, seed, test_frames, data_dir,
                                               (module, loaded.meta["cutoff"], torch_dtype), train_frames,
-                                              baseline_epochs, baseline_hidden)
+                                              baseline_epochs, baseline_hidden, baseline_model)
         sym = result["baseline"]["symmetric_model"]
         print(f"  {loaded.kind} on the same test frames: E MAE canonical {sym['canonical']['energy_mae_meV']:.2f}, "
               f"rotated {sym['rotated']['energy_mae_meV']:.2f}, translated {sym['translated']['energy_mae_meV']:.2f} meV")
