@@ -54,6 +54,15 @@ def _learning_curve_options(p: argparse.ArgumentParser, lc) -> None:
     p.add_argument("--progress", action="store_true", help="show the trainer's per-epoch progress")
 
 
+def add_run_selection(p) -> None:
+    """The learning-curve CSVs and the filters of the commands that analyse their runs (protocol, vibrations)."""
+    p.add_argument("csv", metavar="CSV", nargs="+",
+                   help="learning_curve.csv of mlpot study learning-curve; several (e.g. one per model's folder) are read as one")
+    p.add_argument("--models", default=None, help="comma list: only these models (default: all)")
+    p.add_argument("--sizes", default=None, help="comma list: only these sizes (default: all)")
+    p.add_argument("--budget", default=None, help="only runs of this budget label, e.g. steps4000 (needed when there are several)")
+
+
 def add_parser(sub) -> argparse.ArgumentParser:
     """The ``study`` subcommand with its own subcommands; returns its parser."""
     from mlpot.study import latent
@@ -106,11 +115,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                                     "and validation curves of every model and size (energy-only models beside their\n"
                                     "force-trained twin), and histograms of ethanol's C-C, C-O and C-C-O from a short\n"
                                     "Langevin MD of each model against the reference frames; table + JSON.")
-    p.add_argument("csv", metavar="CSV", nargs="+",
-                   help="learning_curve.csv of mlpot study learning-curve; several (e.g. one per model's folder) are read as one")
-    p.add_argument("--models", default=None, help="comma list: only these models (default: all)")
-    p.add_argument("--sizes", default=None, help="comma list: only these sizes (default: all)")
-    p.add_argument("--budget", default=None, help="only runs of this budget label, e.g. steps4000 (needed when there are several)")
+    add_run_selection(p)
     p.add_argument("--no-md", action="store_true", help="skip the MD and the histograms (the curves work for any molecule)")
     p.add_argument("--md-steps", type=int, default=20000, help="MD steps per model (ethanol only)")
     p.add_argument("--md-timestep", type=float, default=0.5, help="MD time step, fs")
@@ -127,11 +132,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                                     "learning-curve run with a model.pt, against reference frequencies: MAE, max |diff|,\n"
                                     "ZPE difference and imaginary modes per run, cached beside the CSV (vibrations/);\n"
                                     "mean ± std per model and size next to the test force MAE, log-log slopes; table + JSON.")
-    p.add_argument("csv", metavar="CSV", nargs="+",
-                   help="learning_curve.csv of mlpot study learning-curve; several (e.g. one per model's folder) are read as one")
-    p.add_argument("--models", default=None, help="comma list: only these models (default: all)")
-    p.add_argument("--sizes", default=None, help="comma list: only these sizes (default: all)")
-    p.add_argument("--budget", default=None, help="only runs of this budget label, e.g. steps4000 (needed when there are several)")
+    add_run_selection(p)
     p.add_argument("--reference", default=None,
                    help="vibrations.json with reference_cm, e.g. of mlpot vibrations --reference; a relaxed.xyz beside it "
                         "is the start geometry (default for rmd17_ethanol: the repository's "

@@ -238,6 +238,16 @@ def pyplot():
     return plt
 
 
+def save_figure(fig, path, title: str) -> None:
+    """Title ``fig``, lay it out, write it to ``path`` as PNG (atomically) and close it."""
+    from mlpot import files
+
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    files.atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    pyplot().close(fig)
+
+
 def median_latency_ms(module, graph: Graph, calls: int = 100, warmup: int = 10) -> float:
     """Median wall time of one energy+forces call of ``module`` on ``graph``, ms (in the current thread count)."""
     import time

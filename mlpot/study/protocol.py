@@ -31,7 +31,7 @@ import numpy as np
 
 from mlpot import files
 from mlpot.study import stats
-from mlpot.study.common import output_dir, pyplot, write_json
+from mlpot.study.common import output_dir, pyplot, save_figure, write_json
 
 ENERGY_ONLY_SUFFIX = "+energy"
 COORDINATES = {"C-C": "Å", "C-O": "Å", "C-C-O": "degrees"}
@@ -185,10 +185,7 @@ def plot_curves(curves: Dict[str, List[List[dict]]], path: Path, title: str) -> 
             ax.set(xlabel="epoch", ylabel=label, yscale="log", title=family)
             ax.grid(True, which="both", alpha=0.3)
             ax.legend(fontsize=7)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    files.atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-    plt.close(fig)
+    save_figure(fig, path, title)
 
 
 def _write_csv(path: Path, rows: List[dict], fields: Sequence[str]) -> None:
@@ -302,10 +299,7 @@ def plot_histograms(results: List[Tuple[str, dict]], reference: dict, path: Path
                 ax.hist(internals[name], bins=grid, density=True, histtype="step", color=f"C{i % 10}", lw=1.3, label=label)
         ax.set(xlabel=f"{name} ({unit})", ylabel="density")
     axes[0].legend(fontsize=7)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    files.atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-    plt.close(fig)
+    save_figure(fig, path, title)
 
 
 # === table ===

@@ -27,7 +27,7 @@ import numpy as np
 
 from mlpot import files
 from mlpot.study import stats
-from mlpot.study.common import output_dir, pyplot, write_json
+from mlpot.study.common import output_dir, pyplot, save_figure, write_json
 from mlpot.study.protocol import select_rows
 
 REPOSITORY = Path(__file__).resolve().parents[2]
@@ -226,10 +226,7 @@ def plot_mae(rows: List[dict], fits: Dict[str, dict], path: Path, title: str) ->
         ax.set(xscale="log", yscale="log", xlabel="training configurations N", ylabel=label)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    files.atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-    plt.close(fig)
+    save_figure(fig, path, title)
 
 
 def plot_spectra(runs: List[dict], reference_cm, path: Path, title: str) -> None:
@@ -246,10 +243,7 @@ def plot_spectra(runs: List[dict], reference_cm, path: Path, title: str) -> None
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
     axes[-1, 0].set_xlabel("reference frequency (cm$^{-1}$)")
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    files.atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-    plt.close(fig)
+    save_figure(fig, path, title)
 
 
 # === the command ===
