@@ -101,6 +101,35 @@ def tiny_potential():
     return make_tiny_potential
 
 
+@pytest.fixture
+def float64_default():
+    """float64 as torch's default dtype inside the test (e3nn builds its Wigner 3j buffers in it)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
+def assert_compiled_step_equals_eager(model):
+    """The traced training step of ``model`` (call with torch.compile patched to the identity) gives the eager
+    energies, forces and weight gradients of a force loss."""
+    from mlpot import keys
+    from mlpot.export import example_graph
+    from mlpot.train.compiled import CompiledTraining
+
+    step_model = CompiledTraining(model)
+    graph = example_graph(model, sizes=(7, 6, 5), seed=2)
+    out = step_model(dict(graph))
+    assert step_model.active, step_model.failed
+    ref = model(dict(graph))
+    for key in (keys.ENERGY, keys.FORCES):
+        torch.testing.assert_close(out[key], ref[key], rtol=1e-10, atol=1e-12)
+    loss = [(o[keys.FORCES] ** 2).sum() + o[keys.ENERGY].sum() for o in (out, ref)]
+    params = [p for p in model.parameters() if p.requires_grad]
+    for got, want in zip(torch.autograd.grad(loss[0], params), torch.autograd.grad(loss[1], params)):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
+
+
 @pytest.fixture(scope="session")
 def data_dir():
     """The shared reference data: $MLPOT_DATA_DIR, else ../shared/data next to the project root."""

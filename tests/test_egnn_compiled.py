@@ -7,7 +7,8 @@ import torch
 from mlpot import keys
 from mlpot.export import compile_potential, example_graph
 from mlpot.models import build_potential
-from mlpot.train.compiled import CompiledTraining
+
+from conftest import assert_compiled_step_equals_eager
 
 # three layers: the third is the first whose inputs hold both parities (1e, 2o, 3e) and outputs 0o
 HPARAMS = {"num_features": 4, "num_layers": 3, "radial_hidden": 8, "avg_num_neighbors": 8.0, "parity": True}
@@ -38,14 +39,4 @@ def test_compiled_training_both_parities_equals_eager(lmax, monkeypatch):
     """The traced step gives the eager energies, forces and weight gradients of a force loss."""
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
     model = potential(lmax).train()
-    step_model = CompiledTraining(model)
-    graph = example_graph(model, sizes=(7, 6, 5), seed=2)
-    out = step_model(dict(graph))
-    assert step_model.active, step_model.failed
-    ref = model(dict(graph))
-    for key in (keys.ENERGY, keys.FORCES):
-        torch.testing.assert_close(out[key], ref[key], rtol=1e-10, atol=1e-12)
-    loss = [(o[keys.FORCES] ** 2).sum() + o[keys.ENERGY].sum() for o in (out, ref)]
-    params = [p for p in model.parameters() if p.requires_grad]
-    for got, want in zip(torch.autograd.grad(loss[0], params), torch.autograd.grad(loss[1], params)):
-        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
+    assert_compiled_step_equals_eager(model)

@@ -17,13 +17,7 @@ from conftest import perturbed_ethanol
 TOLERANCE = 1e-9  # componentwise, float64: the features and forces here are of order 1
 
 
-@pytest.fixture(autouse=True)
-def float64_default():
-    """e3nn builds its Wigner 3j buffers in the default dtype; float64 for all of them."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64_default")  # conftest.py
 
 
 def ethanol_egnn(lmax, parity):

@@ -12,21 +12,14 @@ from mlpot.data.graph import make_graph
 from mlpot.export import example_graph
 from mlpot.models import build_potential
 from mlpot.models.egnn import BACKENDS, using_backend
-from mlpot.train.compiled import CompiledTraining
 
-from conftest import five_point_derivative, perturbed_ethanol
+from conftest import assert_compiled_step_equals_eager, five_point_derivative, perturbed_ethanol
 
 HPARAMS = {"num_features": 4, "lmax": 2, "num_layers": 3, "radial_hidden": 8, "hidden_ls": [0, 2]}
 TOLERANCE = 1e-9  # float64, features and forces of order 1
 
 
-@pytest.fixture(autouse=True)
-def float64_default():
-    """e3nn builds its Wigner 3j buffers in the default dtype; float64 for all of them."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64_default")  # conftest.py
 
 
 def pruned(parity=False, seed=7, **overrides):
@@ -147,14 +140,4 @@ def test_compiled_training_equals_eager(monkeypatch):
     """The traced step (unrolled backend) gives the eager energies, forces and weight gradients of a force loss."""
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
     model = pruned().train()
-    step_model = CompiledTraining(model)
-    graph = example_graph(model, sizes=(7, 6, 5), seed=2)
-    out = step_model(dict(graph))
-    assert step_model.active, step_model.failed
-    ref = model(dict(graph))
-    for key in (keys.ENERGY, keys.FORCES):
-        torch.testing.assert_close(out[key], ref[key], rtol=1e-10, atol=1e-12)
-    loss = [(o[keys.FORCES] ** 2).sum() + o[keys.ENERGY].sum() for o in (out, ref)]
-    params = [p for p in model.parameters() if p.requires_grad]
-    for got, want in zip(torch.autograd.grad(loss[0], params), torch.autograd.grad(loss[1], params)):
-        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
+    assert_compiled_step_equals_eager(model)

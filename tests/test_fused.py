@@ -39,14 +39,6 @@ def with_each(potential, backends, graph):
     return outs
 
 
-@pytest.fixture
-def float64_default():
-    """e3nn keeps its Wigner 3j buffers in the default dtype at construction; float64 makes both paths exact."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
-
 
 @pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("lmax,parity", CASES)
