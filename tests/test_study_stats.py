@@ -129,6 +129,8 @@ def test_pruned_egnn_variant():
     resolved = variants.resolve(r, [1, 6, 8])  # ethanol: width 46, 149 901 parameters (egnn-l2: 153 769)
     assert resolved["hparams"]["num_features"] > 32 and abs(resolved["num_parameters"] - 150000) < 0.01 * 150000
     assert variants.parse_lrs("egnn=3e-3", ["egnn-l2-no1@150k+energy"]) == {"egnn-l2-no1@150k+energy": 3e-3}
+    # the nearest listed parent's rate: the unpruned egnn-l2 before the bare kind
+    assert variants.parse_lrs("egnn=3e-3,egnn-l2=1e-2", ["egnn-l2-no1@150k+energy"]) == {"egnn-l2-no1@150k+energy": 1e-2}
     cfg = lc.make_config(r, "rmd17_ethanol", 50, 4000, "runs/x")
     assert cfg.model.hparams["hidden_ls"] == [0, 2] and cfg.train.forces_weight == 0.0
 

@@ -140,7 +140,8 @@ def resolve(recipe: dict, species: Sequence[int], cutoff: float = 5.0) -> dict:
 
 def parse_lrs(spec, names: Sequence[str]) -> Dict[str, Optional[float]]:
     """``--lr``: empty (each recipe's rate), one rate for all, ``name=rate,...`` (names not given keep the
-    recipe's; a bare kind such as ``egnn`` covers every egnn variant without its own entry), or an
+    recipe's; a name without its own entry takes the rate of its nearest listed parent: ``egnn-l2-no1@150k``
+    that of ``egnn-l2-no1``, else ``egnn-l2``, else ``egnn``), or an
     lr-search JSON file (its ``best`` mapping). Returns model name -> rate (None: the recipe's)."""
     import json
     from pathlib import Path
@@ -170,10 +171,10 @@ def parse_lrs(spec, names: Sequence[str]) -> Dict[str, Optional[float]]:
                 raise ValueError(f"--lr {spec!r}: give one rate, name=rate pairs or an lr-search JSON file")
             mapping[key.strip()] = rate(value)
     for n in names:
-        if n in mapping:
-            out[n] = mapping[n]
-        else:
-            kind = _NAME.match(n)["kind"] if _NAME.match(n) else n
-            base = n.split("@")[0].split("+")[0]
-            out[n] = mapping.get(base, mapping.get(kind))
+        # most specific first: egnn-l2-no1@150k+energy -> egnn-l2-no1 -> egnn-l2 -> egnn
+        match = _NAME.match(n)
+        base = n.split("@")[0].split("+")[0]
+        unpruned = base.split("-no")[0]
+        kind = match["kind"] if match else n
+        out[n] = next((mapping[k] for k in (n, base, unpruned, kind) if k in mapping), None)
     return out
