@@ -94,6 +94,7 @@ def test_stats_command_writes_json_and_markdown(tmp_path):
     assert saved["groups"][0]["paired"][0]["pooled"]["n"] == 15
     text = (tmp_path / "stats.md").read_text()
     assert "| force MAE | schnet | egnn-l2 | all | 15 |" in text and "±" in text
+    assert (tmp_path / "stats.png").stat().st_size > 10000  # the figure of the one (dataset, budget) group
     with pytest.raises(ValueError, match="no rows of model"):
         run(["study", "stats", str(path), "--compare", "schnet,gcn"])
 

@@ -262,6 +262,23 @@ def read_csv_paths(csv_path) -> Tuple[List[Path], List[dict]]:
     return paths, read_csvs(paths)
 
 
+def plot_groups(rows: List[dict], out: Path, n_boot: int = 2000, seed: int = 0) -> List[Path]:
+    """The learning-curve figure (mean ± std per size, every run, slopes with CIs) of each (dataset, budget)
+    group: ``stats.png`` for one group, ``stats-<dataset>-<budget>.png`` for several."""
+    from mlpot.study.learning_curve import fit_slopes, plot
+
+    groups: Dict[Tuple[str, str], List[dict]] = {}
+    for row in rows:
+        groups.setdefault((row.get("dataset", ""), budget_of(row)), []).append(row)
+    paths = []
+    for (dataset, budget), group in groups.items():
+        path = out / ("stats.png" if len(groups) == 1 else f"stats-{dataset}-{budget}.png")
+        fits = {key: fit_slopes(group, key, n_boot, seed) for key in METRICS}
+        plot(group, path, f"{dataset}, budget {budget}", fits)
+        paths.append(path)
+    return paths
+
+
 def run_stats(csv_path, compare: Sequence[str] = (), output=None, n_boot: int = 2000, seed: int = 0,
               level: float = 0.95, models: Optional[str] = None, budget: Optional[str] = None,
               sizes: Optional[str] = None) -> dict:
@@ -297,7 +314,8 @@ def run_stats(csv_path, compare: Sequence[str] = (), output=None, n_boot: int = 
     write_json(out / "stats.json", result)
     text = markdown(result)
     files.write_text(out / "stats.md", text + "\n")
+    figures = plot_groups(rows, out, n_boot, seed)
     print(text)
-    print(f"wrote {out / 'stats.json'}, {out / 'stats.md'}")
+    print(f"wrote {out / 'stats.json'}, {out / 'stats.md'}" + "".join(f", {f}" for f in figures))
     result["markdown"] = text
     return result
