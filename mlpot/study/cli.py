@@ -123,9 +123,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--md-seed", type=int, default=0, help="seed of the initial velocities and the Langevin noise")
     p.add_argument("--md-runs", default="first", choices=["first", "all"],
                    help="MD of one run per model and size (the lowest seed and split with a model.pt) or of every run")
-    p.add_argument("--output", default=None, help="output folder (default: mlpot-study-protocol-<molecule>)")
-    p.add_argument("--data-dir", default=None, help="reference data folder (default: $MLPOT_DATA_DIR)")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    _common(p, "mlpot-study-protocol-<molecule>", seed=False)
 
     p = ssub.add_parser("vibrations", help="harmonic frequencies of the models at each size against reference ones",
                         description="Harmonic frequencies (autograd Hessian at each model's float64 minimum) of every\n"
@@ -139,9 +137,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                         "deploy/in-use/ethanol-vibrations/vibrations.json, PBE/def2-SVP)")
     p.add_argument("--fmax", type=float, default=1e-4, help="relaxation criterion, eV/Å")
     p.add_argument("--n-boot", type=int, default=2000, help="bootstrap samples of each slope")
-    p.add_argument("--output", default=None, help="output folder (default: mlpot-study-vibrations-<molecule>)")
-    p.add_argument("--data-dir", default=None, help="reference data folder (default: $MLPOT_DATA_DIR)")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    _common(p, "mlpot-study-vibrations-<molecule>", seed=False)
 
     p = ssub.add_parser("latent", help="t-SNE of pooled last-layer features; rank correlations and k-NN R^2",
                         description="t-SNE maps of the pooled last-layer features of DATA, with rank correlations\n"
