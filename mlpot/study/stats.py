@@ -211,14 +211,19 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def analyse(rows: List[dict], compare: Sequence[Tuple[str, str]] = (), n_boot: int = 2000, seed: int = 0,
-            level: float = 0.95) -> List[dict]:
-    """Aggregates, slopes and paired tests per (dataset, budget) group of ``rows``."""
+def group_rows(rows: Iterable[dict]) -> Dict[Tuple[str, str], List[dict]]:
+    """``rows`` by (dataset, budget label), in order of first appearance."""
     groups: Dict[Tuple[str, str], List[dict]] = {}
     for r in rows:
         groups.setdefault((r.get("dataset", ""), budget_of(r)), []).append(r)
+    return groups
+
+
+def analyse(rows: List[dict], compare: Sequence[Tuple[str, str]] = (), n_boot: int = 2000, seed: int = 0,
+            level: float = 0.95) -> List[dict]:
+    """Aggregates, slopes and paired tests per (dataset, budget) group of ``rows``."""
     out = []
-    for (dataset, budget), rs in groups.items():
+    for (dataset, budget), rs in group_rows(rows).items():
         names = set(series(rs))
         paired = [paired_test(rs, key, a, b) for a, b in compare if a in names and b in names for key in METRICS]
         out.append({"dataset": dataset, "budget": budget, "runs": len(rs),
@@ -262,19 +267,17 @@ def read_csv_paths(csv_path) -> Tuple[List[Path], List[dict]]:
     return paths, read_csvs(paths)
 
 
-def plot_groups(rows: List[dict], out: Path, n_boot: int = 2000, seed: int = 0) -> List[Path]:
-    """The learning-curve figure (mean ± std per size, every run, slopes with CIs) of each (dataset, budget)
-    group: ``stats.png`` for one group, ``stats-<dataset>-<budget>.png`` for several."""
-    from mlpot.study.learning_curve import fit_slopes, plot
+def plot_groups(rows: List[dict], groups: List[dict], out: Path) -> List[Path]:
+    """The learning-curve figure (mean ± std per size, every run, the slopes and CIs of :func:`analyse`) of each
+    analysed (dataset, budget) group: ``stats.png`` for one group, ``stats-<dataset>-<budget>.png`` for several."""
+    from mlpot.study.learning_curve import plot
 
-    groups: Dict[Tuple[str, str], List[dict]] = {}
-    for row in rows:
-        groups.setdefault((row.get("dataset", ""), budget_of(row)), []).append(row)
+    grouped = group_rows(rows)
     paths = []
-    for (dataset, budget), group in groups.items():
+    for group in groups:
+        dataset, budget = group["dataset"], group["budget"]
         path = out / ("stats.png" if len(groups) == 1 else f"stats-{dataset}-{budget}.png")
-        fits = {key: fit_slopes(group, key, n_boot, seed) for key in METRICS}
-        plot(group, path, f"{dataset}, budget {budget}", fits)
+        plot(grouped[(dataset, budget)], path, f"{dataset}, budget {budget}", group["slopes"])
         paths.append(path)
     return paths
 
@@ -314,7 +317,7 @@ def run_stats(csv_path, compare: Sequence[str] = (), output=None, n_boot: int = 
     write_json(out / "stats.json", result)
     text = markdown(result)
     files.write_text(out / "stats.md", text + "\n")
-    figures = plot_groups(rows, out, n_boot, seed)
+    figures = plot_groups(rows, result["groups"], out)
     print(text)
     print(f"wrote {out / 'stats.json'}, {out / 'stats.md'}" + "".join(f", {f}" for f in figures))
     result["markdown"] = text

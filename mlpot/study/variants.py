@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import re
 from functools import lru_cache
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 # Hyperparameters and learning rates of the recipes in training/<molecule>-<kind>.yaml.
 RECIPES: Dict[str, dict] = {
@@ -171,10 +171,20 @@ def parse_lrs(spec, names: Sequence[str]) -> Dict[str, Optional[float]]:
                 raise ValueError(f"--lr {spec!r}: give one rate, name=rate pairs or an lr-search JSON file")
             mapping[key.strip()] = rate(value)
     for n in names:
-        # most specific first: egnn-l2-no1@150k+energy -> egnn-l2-no1 -> egnn-l2 -> egnn
-        match = _NAME.match(n)
-        base = n.split("@")[0].split("+")[0]
-        unpruned = base.split("-no")[0]
-        kind = match["kind"] if match else n
-        out[n] = next((mapping[k] for k in (n, base, unpruned, kind) if k in mapping), None)
+        out[n] = next((mapping[k] for k in _lr_parents(n) if k in mapping), None)
     return out
+
+
+def _lr_parents(name: str) -> List[str]:
+    """``name`` and its parents, most specific first: egnn-l2-no1@150k+energy, egnn-l2-no1, egnn-l2, egnn."""
+    match = _NAME.match(name)
+    if not match:
+        return [name]
+    kind, lmax, drop = match["kind"], match["lmax"], match["drop"]
+    parents = [name]
+    if lmax is not None:
+        if drop is not None:
+            parents.append(f"{kind}-l{lmax}-no{drop}")
+        parents.append(f"{kind}-l{lmax}")
+    parents.append(kind)
+    return list(dict.fromkeys(parents))
