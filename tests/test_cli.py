@@ -18,7 +18,8 @@ from conftest import make_tiny_potential
 
 SUBCOMMANDS = ["train", "eval", "deploy", "md", "relax", "vibrations", "study"]
 HIDDEN = {("mlpot md", "--molecule"), ("mlpot study learning-curve", "--device"), ("mlpot study latent", "--device"),
-          ("mlpot study irreps", "--device"), ("mlpot study symmetry", "--device"), ("mlpot study lr-search", "--device")}
+          ("mlpot study irreps", "--device"), ("mlpot study symmetry", "--device"), ("mlpot study lr-search", "--device"),
+          ("mlpot study protocol", "--device"), ("mlpot study vibrations", "--device")}
 ROOT = Path(__file__).resolve().parents[1]
 
 
