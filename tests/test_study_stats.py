@@ -252,6 +252,36 @@ def test_lr_searches_in_one_folder_merge(tmp_path):
     assert "| model | 0.001 | 0.002 | 0.004 | best |" in table and "| gcn |" in table and "| schnet | - |" in table
 
 
+def test_interrupted_lr_search_keeps_the_last_result(tmp_path, monkeypatch):
+    """lr_search.json is what --lr reads: a search that stops part-way (or is still running) leaves the last
+    finished one in place, and a file without rates is refused with a one-line error."""
+    from mlpot.study import learning_curve as lc
+
+    data = write_sgdml_npz(tmp_path / "ethanol_emt.npz", 30, seed=3)
+    base = ["study", "lr-search", "--dataset", str(data), "--size", "10", "--budget", "steps", "--steps", "2",
+            "--test-size", "5", "--output", str(tmp_path / "out"), "--runs-dir", str(tmp_path / "runs"), *TINY]
+    run(base + ["--models", "gcn", "--lrs", "1e-3"])
+    path = tmp_path / "out" / "lr_search.json"
+    before = path.read_text()
+    real, calls = lc.run_learning_curve, []
+
+    def stop_at_second_rate(**kwargs):
+        calls.append(kwargs["lr"])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(**kwargs)
+
+    monkeypatch.setattr(lc, "run_learning_curve", stop_at_second_rate)
+    with pytest.raises(KeyboardInterrupt):
+        run(base + ["--models", "schnet", "--lrs", "2e-3,4e-3"])
+    assert calls == [2e-3, 4e-3] and path.read_text() == before
+    assert variants.parse_lrs(str(path), ["gcn"]) == {"gcn": 1e-3}
+    other = tmp_path / "learning_curve.json"
+    other.write_text(json.dumps({"models": ["gcn"]}))
+    with pytest.raises(ValueError, match="not an lr-search result"):
+        variants.parse_lrs(str(other), ["gcn"])
+
+
 def test_stats_reads_one_csv_per_model_as_one(tmp_path):
     rows = synthetic_rows({"egnn-l2": (500.0, -0.35, 0.3), "schnet": (900.0, -0.25, 0.3)})
     paths = []

@@ -388,9 +388,11 @@ def run_learning_curve(
     test_dataset: Optional[str] = None, splits: str = "1", pairing: str = "product", budget: str = "steps",
     steps_per_frame: float = 40.0, min_steps: int = 10000, max_steps: int = 40000, patience: Optional[int] = None,
     lr=None, csv_name: str = "learning_curve.csv", n_boot: int = 2000, compare: Sequence[str] = (),
+    write_summary: bool = True,
 ) -> dict:
     """Train every (model, size, seed, split), append results to ``csv_name`` in ``output``, plot with
-    error bars, fit slopes with bootstrap CIs, run the paired tests of ``compare`` (``a,b`` strings)."""
+    error bars, fit slopes with bootstrap CIs, run the paired tests of ``compare`` (``a,b`` strings).
+    ``write_summary=False`` writes only the CSV (the lr search writes its own summary files)."""
     dataset = dataset or study_dataset(molecule)
     rule = Budget(budget, steps=steps, steps_per_frame=steps_per_frame, min_steps=min_steps, max_steps=max_steps,
                   patience=patience, max_time=max_time)
@@ -465,7 +467,8 @@ def run_learning_curve(
              f"test on {rows[0]['test_frames'] if rows else '?'} frames; error bars: 1 std over runs")
     fits = {key: fit_slopes(rows, key, n_boot) for key in stats.METRICS}
     stem = Path(csv_name).stem
-    plot(rows, out / f"{stem}.png", title, fits)
+    if write_summary:
+        plot(rows, out / f"{stem}.png", title, fits)
     paired = [stats.paired_test(rows, key, a, b) for a, b in pairs for key in stats.METRICS]
     summary = {
         "molecule": molecule, "dataset": dataset, "models": model_names, "sizes": size_list,
@@ -488,10 +491,11 @@ def run_learning_curve(
         "cpu_s_of_rows": round(sum(float(r["cpu_s"]) for r in rows if r.get("cpu_s")), 1),
         "rows": len(rows),
     }
-    write_json(out / f"{stem}.json", summary)
     text = format_table(rows)
-    files.write_text(out / f"{stem}.md", stats.markdown(
-        {"csv": str(csv_path), "level": 0.95, "groups": stats.analyse(rows, pairs, n_boot)}) + "\n")
+    if write_summary:
+        write_json(out / f"{stem}.json", summary)
+        files.write_text(out / f"{stem}.md", stats.markdown(
+            {"csv": str(csv_path), "level": 0.95, "groups": stats.analyse(rows, pairs, n_boot)}) + "\n")
     print(text)
     for key, fit in fits.items():
         print(f"slopes of log {key} vs log N [95 % bootstrap CI]: " + ", ".join(
@@ -501,7 +505,8 @@ def run_learning_curve(
         if s["n"]:
             print(f"paired {test['metric']}: {test['b']}/{test['a']} = {s['ratio_b_over_a']:.3f} over {s['n']} runs, "
                   f"Wilcoxon p {stats._fmt_p(s['wilcoxon_p'])}, paired t p {stats._fmt_p(s['t_p'])}")
-    print(f"wrote {csv_path}, {out / f'{stem}.png'}, {out / f'{stem}.json'}, {out / f'{stem}.md'}")
+    print(f"wrote {csv_path}" + (f", {out / f'{stem}.png'}, {out / f'{stem}.json'}, {out / f'{stem}.md'}"
+                                 if write_summary else ""))
     summary["csv"] = str(csv_path)
     summary["table"] = rows
     return summary

@@ -17,7 +17,7 @@ import numpy as np
 from mlpot import files
 from mlpot.study import learning_curve as lc
 from mlpot.study import stats
-from mlpot.study.common import output_dir, write_json
+from mlpot.study.common import output_dir, pyplot, save_figure, write_json
 from mlpot.study.variants import parse_model
 
 DEFAULT_LRS = "1e-3,3e-3,1e-2"
@@ -53,6 +53,24 @@ def rate_table(chosen: dict, names: List[str], rates: List[float]) -> str:
     return "\n".join(lines)
 
 
+def plot_rates(chosen: dict, names: List[str], path, title: str = "") -> None:
+    """Mean validation error against learning rate (log-log), one line per model, its chosen rate marked."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for m in names:
+        per = chosen["validation_error"].get(m, {})
+        pts = sorted((float(lr), v) for lr, v in per.items() if np.isfinite(v))
+        if not pts:
+            continue
+        (line,) = ax.plot(*zip(*pts), "o-", label=m)
+        best = chosen["best"][m]
+        ax.plot([best], [per[lc.lr_text(best)]], "*", ms=14, color=line.get_color())
+    ax.set(xscale="log", yscale="log", xlabel="learning rate",
+           ylabel="validation MAE (forces meV/Å; energy meV for +energy)")
+    ax.legend(fontsize=8)
+    save_figure(fig, path, title)
+
+
 def run_lr_search(molecule: str = "ethanol", models: str = lc.DEFAULT_MODELS, lrs: str = DEFAULT_LRS, size: int = 250,
                   output=None, **kwargs) -> dict:
     """Learning-curve runs at ``size`` for every rate of ``lrs``; writes lr_search.{csv,json,png,md} to ``output``."""
@@ -72,8 +90,9 @@ def run_lr_search(molecule: str = "ethanol", models: str = lc.DEFAULT_MODELS, lr
     results = []
     for rate in rates:
         print(f"=== learning rate {rate:g} ===", flush=True)
+        # only the CSV: lr_search.json keeps the last finished search (which --lr may be reading) until this one ends
         results.append(lc.run_learning_curve(molecule=molecule, models=models, sizes=str(size), output=out, lr=rate,
-                                             csv_name="lr_search.csv", **kwargs))
+                                             csv_name="lr_search.csv", write_summary=False, **kwargs))
     # every row of this size and budget in the folder, so that searches run separately (gcn, which cannot be
     # compiled, with other --set options) end up in one ``best``
     label = results[0]["budget"]["label"]
@@ -90,7 +109,7 @@ def run_lr_search(molecule: str = "ethanol", models: str = lc.DEFAULT_MODELS, lr
     }
     write_json(out / "lr_search.json", summary)
     table = rate_table(chosen, names, rates)
-    # replaces the last rate's learning-curve statistics that run_learning_curve wrote under this name
+    plot_rates(chosen, names, out / "lr_search.png", f"{molecule}: N = {size}, budget {label}")
     files.write_text(out / "lr_search.md", f"# Learning-rate search: {out / 'lr_search.csv'}\n\n"
                      f"N = {size}, budget {label}; {summary['criterion']}.\n\n{table}\n")
     print(table)

@@ -158,7 +158,12 @@ def parse_lrs(spec, names: Sequence[str]) -> Dict[str, Optional[float]]:
         return out
     spec = str(spec)
     if Path(spec).is_file():
-        mapping = {k: float(v) for k, v in json.loads(Path(spec).read_text())["best"].items()}
+        try:
+            best = json.loads(Path(spec).read_text())["best"]
+            mapping = {k: float(v) for k, v in best.items()}
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise ValueError(f"--lr {spec!r}: not an lr-search result (no 'best' rates); give the lr_search.json "
+                             "that mlpot study lr-search wrote") from None
     elif "=" not in spec:
         return {n: rate(spec) for n in names}
     else:
